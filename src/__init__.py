@@ -1,0 +1,1 @@
+"""lic-lab: train, entropy-code and evaluate learned image codecs."""

@@ -1,0 +1,153 @@
+"""The codec contract every family honours.
+
+A codec maps an image in [0, 1] to a reconstruction plus a rate in bits, and turns an image into
+bytes and back. Padding to the codec's stride happens here, once, for every family: subclasses
+implement `_forward_padded`, `_compress_padded` and `_decompress_padded` on inputs whose height and
+width are multiples of `stride`, and the base class pads on the way in and crops on the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class CodecOutput:
+    """What `Codec.forward` returns.
+
+    `bits` maps a latent group name to a per-image bit count of shape (B,), differentiable
+    (noise, straight-through or soft quantisation, as the family trains). `extras` carries whatever
+    a recipe needs beyond that: latents, codes, logits.
+    """
+
+    x_hat: Tensor
+    bits: dict[str, Tensor]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def total_bits(self) -> Tensor:
+        """Per-image sum of the bits of every latent group, shape (B,)."""
+        return torch.stack(list(self.bits.values()), dim=0).sum(dim=0)
+
+
+@dataclass
+class Encoded:
+    """One image as bytes: the entropy-coded streams plus the integers needed to decode them."""
+
+    streams: list[bytes]
+    latent_shape: tuple[int, ...]
+    image_size: tuple[int, int]
+    rate: float | int | None = None
+
+    def num_bytes(self) -> int:
+        """Bytes taken by the streams alone (the container adds its header on top)."""
+        return sum(len(s) for s in self.streams)
+
+
+def pad_to_multiple(x: Tensor, stride: int) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """Pad (B, C, H, W) on the right and bottom to multiples of `stride` by edge replication.
+
+    Returns the padded tensor and the (left, right, top, bottom) padding that was applied.
+    Replication keeps the padded border cheap to code; the cropped output never sees it.
+    """
+    h, w = x.shape[-2:]
+    pad_h = (-h) % stride
+    pad_w = (-w) % stride
+    padding = (0, pad_w, 0, pad_h)
+    if pad_h == 0 and pad_w == 0:
+        return x, padding
+    mode = "replicate" if min(h, w) > 1 else "constant"
+    return F.pad(x, padding, mode=mode), padding
+
+
+def crop_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Crop (B, C, H', W') back to the top-left (H, W)."""
+    h, w = size
+    return x[..., :h, :w]
+
+
+class Codec(nn.Module):
+    """Base class of every learned codec in the framework.
+
+    Subclasses set `stride` (the product of all downsampling factors) and implement the three
+    `_*_padded` methods. `aux_parameters()` names the parameters that only an auxiliary loss
+    trains (CompressAI's quantiles); `entropy_parameters()` names the density parameters of the
+    entropy models, which the recipe may train at their own learning rate.
+    """
+
+    name: str = "codec"
+    stride: int = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._register_load_state_dict_pre_hook(self._resize_buffers_to_incoming)
+
+    # ---- the contract -------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> CodecOutput:
+        """Reconstruct `x` (B, 3, H, W) in [0, 1] and count its bits per image."""
+        size = tuple(x.shape[-2:])
+        x_padded, _ = pad_to_multiple(x, self.stride)
+        out = self._forward_padded(x_padded)
+        out.x_hat = crop_to(out.x_hat, size)
+        return out
+
+    @torch.no_grad()
+    def compress(self, x: Tensor) -> Encoded:
+        """Entropy-code one image (1, 3, H, W) or (3, H, W) into bytes."""
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.shape[0] != 1:
+            raise ValueError(f"compress takes one image at a time, got a batch of {x.shape[0]}")
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        x_padded, _ = pad_to_multiple(x, self.stride)
+        streams, latent_shape = self._compress_padded(x_padded)
+        return Encoded(streams=streams, latent_shape=tuple(latent_shape), image_size=size)
+
+    @torch.no_grad()
+    def decompress(self, encoded: Encoded) -> Tensor:
+        """Decode `encoded` into (1, 3, H, W) in [0, 1], cropped to the original size."""
+        x_hat = self._decompress_padded(encoded.streams, encoded.latent_shape)
+        return crop_to(x_hat.clamp(0, 1), encoded.image_size)
+
+    def prepare_for_coding(self) -> None:
+        """Freeze whatever real coding needs (CDF tables, code frequencies). Idempotent."""
+
+    def aux_loss(self) -> Tensor | None:
+        """Loss of the auxiliary parameters, or None when the codec has none."""
+        return None
+
+    def aux_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters trained only by `aux_loss` (none by default)."""
+        return iter(())
+
+    def entropy_parameters(self) -> Iterator[nn.Parameter]:
+        """Density parameters of the entropy models (none by default)."""
+        return iter(())
+
+    # ---- for subclasses -----------------------------------------------------------------------
+    def _forward_padded(self, x: Tensor) -> CodecOutput:
+        raise NotImplementedError
+
+    def _compress_padded(self, x: Tensor) -> tuple[list[bytes], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _decompress_padded(self, streams: list[bytes], latent_shape: tuple[int, ...]) -> Tensor:
+        raise NotImplementedError
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _resize_buffers_to_incoming(self, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
+        """Give every buffer the shape it has in the incoming state dict before it is copied.
+
+        Coding tables (CompressAI's `_quantized_cdf`, `_offset`, `_cdf_length`, `scale_table`)
+        change size once they are built, so a fresh codec cannot take a prepared checkpoint
+        without this (CompressAI issues #75 and #113). It runs whichever parent loads the codec.
+        """
+        for name, buffer in self.named_buffers():
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and buffer is not None and incoming.shape != buffer.shape:
+                buffer.resize_(incoming.shape)

@@ -1,0 +1,98 @@
+"""What `python train.py` does with a composed config: build, (re)load, fit, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from src.errors import ConfigError
+from src.utils.checkpoints import load_weights, newest_last_checkpoint, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a callbacks/loggers group that has a `_target_`."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if c and "_target_" in c]
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Create `directory` if needed and make sure files can be written there."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output directory {directory} is not writable ({err.strerror})") from err
+    return directory
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint `resume=` points at: a path, or the newest last.ckpt of this run name."""
+    if cfg.resume in (None, False):
+        return None
+    if cfg.resume is True:
+        runs_dir = Path(cfg.paths.log_dir) / cfg.task_name / "runs" / cfg.run_name
+        path = newest_last_checkpoint(runs_dir, exclude=cfg.paths.output_dir)
+    else:
+        path = Path(str(cfg.resume))
+    read_checkpoint(path)  # fail early and clearly on a missing or unreadable file
+    log.info("resuming from %s", path)
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured recipe on the configured data; returns the last logged metrics."""
+    output_dir = check_writable(cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    if cfg.ckpt and cfg.resume:
+        raise ConfigError("ckpt= (fresh start from weights) and resume= (continue a run) exclude each other")
+
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    if cfg.ckpt:
+        load_weights(model, cfg.ckpt)
+        log.info("initialised weights from %s", cfg.ckpt)
+    ckpt_path = resume_checkpoint(cfg)
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(config)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.print_summary and trainer.is_global_zero and trainer.checkpoint_callback is not None:
+        print_summary(trainer, output_dir)
+    return metrics
+
+
+def print_summary(trainer: pl.Trainer, output_dir: Path) -> None:
+    """The closing lines: where the checkpoints are and how to evaluate them."""
+    callback = trainer.checkpoint_callback
+    last = Path(callback.last_model_path) if callback.last_model_path else None
+    best = Path(callback.best_model_path) if callback.best_model_path else None
+    chosen = best or last
+    print(f"\nRun directory:   {output_dir}")
+    if last:
+        print(f"Last checkpoint: {last}")
+    if best:
+        print(f"Best checkpoint: {best}")
+    if chosen:
+        root = Path(os.getcwd())
+        shown = chosen.relative_to(root) if chosen.is_relative_to(root) else chosen
+        print(f"Evaluate it:     python evaluate.py ckpt={shown}")

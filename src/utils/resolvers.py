@@ -1,0 +1,35 @@
+"""OmegaConf resolvers the configs use; `register()` is idempotent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from src.losses.rate_distortion import lmbda_for
+
+
+def _run_group(default: str) -> str:
+    """The sweep directory's name inside a multirun (one group per sweep), else `default`."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return Path(hydra_cfg.sweep.dir).name
+    except ValueError:  # no Hydra context (tests composing the config by hand)
+        pass
+    return default
+
+
+def register() -> None:
+    """Register `lmbda_ladder`, `run_group` and `mul` once per process."""
+    resolvers = {
+        "lmbda_ladder": lambda metric, quality: lmbda_for(metric, int(quality)),
+        "run_group": _run_group,
+        "mul": lambda a, b: a * b,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
