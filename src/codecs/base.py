@@ -85,7 +85,17 @@ class Codec(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self._init_args: dict[str, Any] = {}
         self._register_load_state_dict_pre_hook(self._resize_buffers_to_incoming)
+
+    def _record_config(self, **init_args: Any) -> None:
+        """Remember the constructor arguments so a checkpoint can rebuild this codec alone."""
+        self._init_args = dict(init_args)
+
+    def config(self) -> dict[str, Any]:
+        """A Hydra-instantiable description of this codec: `_target_` plus its arguments."""
+        cls = type(self)
+        return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **self._init_args}
 
     # ---- the contract -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> CodecOutput:

@@ -8,6 +8,7 @@ widths for the quick start).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 
@@ -17,6 +18,8 @@ from compressai.zoo.image import cfgs, model_architectures
 from torch import Tensor, nn
 
 from src.codecs.base import Codec, CodecOutput
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES = tuple(model_architectures)
 
@@ -32,7 +35,7 @@ class CompressAICodec(Codec):
     Args:
         arch: CompressAI's name, e.g. "bmshj2018-hyperprior", "mbt2018-mean", "cheng2020-attn".
         quality: 1..8 (1..6 for cheng2020); picks (N, M) from CompressAI's table.
-        N, M: override the widths of the table.
+        N, M: override the widths of the table (cheng2020 has N alone and ignores M).
     """
 
     def __init__(self, arch: str, quality: int = 3, N: int | None = None, M: int | None = None):
@@ -45,10 +48,11 @@ class CompressAICodec(Codec):
         widths = list(table[quality])
         if N is not None:
             widths[0] = N
-        if M is not None:
-            if len(widths) < 2:
-                raise ValueError(f"{arch} has a single width N; M does not apply")
+        if M is not None and len(widths) > 1:
             widths[1] = M
+        elif M is not None:
+            log.info("%s has a single width N; M=%s is not used", arch, M)
+        self._record_config(arch=arch, quality=quality, N=N, M=M)
         self.arch = arch
         self.name = arch
         self.quality = quality

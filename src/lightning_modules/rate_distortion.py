@@ -177,3 +177,4 @@ class RateDistortion(pl.LightningModule):
         for key, value in self.codec.state_dict(prefix="codec.").items():
             checkpoint["state_dict"][key] = value
         checkpoint["codec_name"] = self.codec.name
+        checkpoint["codec_config"] = self.codec.config()

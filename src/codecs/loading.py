@@ -1,0 +1,35 @@
+"""Rebuild a coding-ready codec from a training checkpoint, without the recipe around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+
+from src.codecs.base import Codec
+from src.errors import CheckpointError
+from src.utils.checkpoints import read_checkpoint
+
+CODEC_PREFIX = "codec."
+
+
+def load_codec(path: str | Path, device: str = "cpu") -> Codec:
+    """The codec stored in a checkpoint, in eval mode, prepared for entropy coding."""
+    checkpoint = read_checkpoint(path)
+    config = checkpoint.get("codec_config")
+    if not config:
+        raise CheckpointError(f"checkpoint {path} does not say which codec it holds (no codec_config)")
+    try:
+        codec: Codec = hydra.utils.instantiate(config)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild codec {config.get('_target_')}: {err}") from err
+    state = {
+        k[len(CODEC_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(CODEC_PREFIX)
+    }
+    try:
+        codec.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit its own codec config: {err}") from err
+    codec.to(device).eval()
+    codec.prepare_for_coding()
+    return codec

@@ -1,0 +1,60 @@
+"""Shared fixtures: compose the real configs, shrunk to tiny widths and crops, in tmp dirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from src.datamodules.sample import gather_sample_photos
+from src.utils.resolvers import register
+from tests.helpers import REPO, TINY
+
+register()
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in sample photos, gathered once per test session."""
+    return gather_sample_photos(tmp_path_factory.mktemp("data") / "sample")
+
+
+@pytest.fixture
+def compose_train(tmp_path: Path, sample_root: Path):
+    """compose_train(*overrides) -> the train config, tiny, writing under tmp_path."""
+
+    def _compose(*overrides: str, tiny: bool = True) -> DictConfig:
+        GlobalHydra.instance().clear()
+        base = [
+            f"paths.log_dir={tmp_path}/logs",
+            f"paths.data_dir={tmp_path}/data",
+            f"data.root={sample_root}",
+            f"hydra.run.dir={tmp_path}/run",
+        ]
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(
+                "train", overrides=base + (TINY if tiny else []) + list(overrides), return_hydra_config=True
+            )
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.root_dir = str(REPO)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def tiny_args(tmp_path: Path, sample_root: Path) -> list[str]:
+    """Command-line overrides for a tiny subprocess run under tmp_path."""
+    return [
+        f"paths.log_dir={tmp_path}/logs",
+        f"data.root={sample_root}",
+        *TINY,
+    ]

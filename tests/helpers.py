@@ -1,0 +1,71 @@
+"""Test-only callbacks and helpers, importable by subprocess runs as `tests.helpers`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Shrinks any RD preset to something a CPU trains in seconds.
+TINY = [
+    "model.codec.N=8",
+    "data.crop=64",
+    "data.val_crop=64",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+    "data.repeat=2",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.max_time=null",
+    "callbacks.model_summary=null",
+    "model.num_logged_images=1",
+    "logger=csv",
+]
+
+
+def run_script(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python script args` in the repository, as a user would; returns the finished process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class DieAtStep(pl.Callback):
+    """Kill the process abruptly (no clean-up, like a pre-empted job) once `step` is reached."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os._exit(17)
+
+
+class DumpStartState(pl.Callback):
+    """Save the optimiser states and step as training starts (to compare with a checkpoint)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        torch.save(
+            {
+                "global_step": trainer.global_step,
+                "optimizer_states": [o.state_dict() for o in trainer.optimizers],
+                "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            },
+            self.path,
+        )
