@@ -51,13 +51,18 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(path)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured recipe on the configured data; returns the last logged metrics."""
+def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
+    """Fit the configured recipe on the configured data; returns the last logged metrics.
+
+    `extra_callbacks` join the configured ones (benchmarks and tests hook in this way).
+    """
     output_dir = check_writable(cfg.paths.output_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     if cfg.ckpt and cfg.resume:
-        raise ConfigError("ckpt= (fresh start from weights) and resume= (continue a run) exclude each other")
+        raise ConfigError(
+            "ckpt= (fresh start from weights) and resume= (continue a run) exclude each other"
+        )
 
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
@@ -66,9 +71,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("initialised weights from %s", cfg.ckpt)
     ckpt_path = resume_checkpoint(cfg)
 
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(config)

@@ -39,7 +39,9 @@ def compose_train(tmp_path: Path, sample_root: Path):
         ]
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose(
-                "train", overrides=base + (TINY if tiny else []) + list(overrides), return_hydra_config=True
+                "train",
+                overrides=base + (TINY if tiny else []) + list(overrides),
+                return_hydra_config=True,
             )
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):

@@ -17,8 +17,14 @@ SCHEDULES = sorted(p.stem for p in (REPO / "conf" / "lr_schedule").glob("*.yaml"
 
 
 def test_the_menus_are_complete():
-    assert {"bmshj2018_factorized", "bmshj2018_hyperprior", "mbt2018_mean", "mbt2018",
-            "cheng2020_anchor", "cheng2020_attn"} <= set(MODELS)
+    assert {
+        "bmshj2018_factorized",
+        "bmshj2018_hyperprior",
+        "mbt2018_mean",
+        "mbt2018",
+        "cheng2020_anchor",
+        "cheng2020_attn",
+    } <= set(MODELS)
     assert {"default", "cpu", "gpu", "ddp", "ddp_cpu"} <= set(TRAINERS)
     assert {"tensorboard", "wandb", "csv"} <= set(LOGGERS)
 
@@ -70,8 +76,14 @@ def test_every_lr_schedule_builds(compose_train, schedule):
 def test_quality_picks_compressai_lambda_and_widths(compose_train):
     cfg = compose_train("model=mbt2018_mean", "model.quality=5", "model.codec.N=null", tiny=False)
     assert cfg.model.lmbda == pytest.approx(0.0250)
-    cfg = compose_train("model=bmshj2018_hyperprior", "model.quality=7", "model.codec.N=null",
-                        "model.codec.M=null", "experiment=paper", tiny=False)
+    cfg = compose_train(
+        "model=bmshj2018_hyperprior",
+        "model.quality=7",
+        "model.codec.N=null",
+        "model.codec.M=null",
+        "experiment=paper",
+        tiny=False,
+    )
     codec = hydra.utils.instantiate(cfg.model.codec)
     assert (codec.net.N, codec.net.M) == (192, 320)
     cfg = compose_train("model.metric=ms-ssim", "model.quality=1")

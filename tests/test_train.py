@@ -37,8 +37,13 @@ def test_every_preset_lowers_its_loss_on_a_repeated_batch(compose_train, photo_b
     module = hydra.utils.instantiate(cfg.model)
     recorder = RecordLoss()
     trainer = pl.Trainer(
-        max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[recorder], accelerator="cpu",
+        max_steps=15,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+        accelerator="cpu",
     )
     trainer.fit(module, DataLoader([photo_batch] * 15, batch_size=None))
     assert trainer.global_step == 15  # the auxiliary step does not count as a training step
@@ -56,7 +61,9 @@ def test_default_run_writes_best_and_last_coding_ready_checkpoints(compose_train
     assert last["global_step"] == cfg.trainer.max_steps
     assert last["codec_name"] == "bmshj2018-hyperprior"
     # The CDF tables were built before saving: a fresh codec codes straight from the file.
-    assert any(k.endswith("_quantized_cdf") and v.numel() > 1 for k, v in last["state_dict"].items())
+    assert any(
+        k.endswith("_quantized_cdf") and v.numel() > 1 for k, v in last["state_dict"].items()
+    )
     codec = load_codec(ckpt_dir / "last.ckpt")
     x = torch.rand(1, 3, 50, 70)
     assert codec.decompress(codec.compress(x)).shape == x.shape

@@ -150,7 +150,9 @@ class Codec(nn.Module):
         raise NotImplementedError
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def _resize_buffers_to_incoming(self, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
+    def _resize_buffers_to_incoming(
+        self, state_dict: dict[str, Tensor], prefix: str, *_: Any
+    ) -> None:
         """Give every buffer the shape it has in the incoming state dict before it is copied.
 
         Coding tables (CompressAI's `_quantized_cdf`, `_offset`, `_cdf_length`, `scale_table`)

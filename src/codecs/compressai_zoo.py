@@ -41,7 +41,9 @@ class CompressAICodec(Codec):
     def __init__(self, arch: str, quality: int = 3, N: int | None = None, M: int | None = None):
         super().__init__()
         if arch not in model_architectures:
-            raise ValueError(f"unknown CompressAI architecture {arch!r}; choose one of {ARCHITECTURES}")
+            raise ValueError(
+                f"unknown CompressAI architecture {arch!r}; choose one of {ARCHITECTURES}"
+            )
         table = cfgs[arch.replace("_", "-")] if arch.replace("_", "-") in cfgs else cfgs[arch]
         if quality not in table:
             raise ValueError(f"{arch} has qualities {sorted(table)}, not {quality}")

@@ -18,18 +18,26 @@ def load_codec(path: str | Path, device: str = "cpu") -> Codec:
     checkpoint = read_checkpoint(path)
     config = checkpoint.get("codec_config")
     if not config:
-        raise CheckpointError(f"checkpoint {path} does not say which codec it holds (no codec_config)")
+        raise CheckpointError(
+            f"checkpoint {path} does not say which codec it holds (no codec_config)"
+        )
     try:
         codec: Codec = hydra.utils.instantiate(config)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path}: cannot rebuild codec {config.get('_target_')}: {err}") from err
+        raise CheckpointError(
+            f"checkpoint {path}: cannot rebuild codec {config.get('_target_')}: {err}"
+        ) from err
     state = {
-        k[len(CODEC_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(CODEC_PREFIX)
+        k[len(CODEC_PREFIX) :]: v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith(CODEC_PREFIX)
     }
     try:
         codec.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not fit its own codec config: {err}") from err
+        raise CheckpointError(
+            f"checkpoint {path} does not fit its own codec config: {err}"
+        ) from err
     codec.to(device).eval()
     codec.prepare_for_coding()
     return codec

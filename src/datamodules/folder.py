@@ -88,7 +88,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         train_paths, self.val_paths = split_folder(self.root, self.val_fraction)
         train_images, kept = decode_all(train_paths)
         if not train_images:
-            raise DataError(f"none of the {len(train_paths)} images under {self.root} could be read")
+            raise DataError(
+                f"none of the {len(train_paths)} images under {self.root} could be read"
+            )
         val_images, self.val_paths = decode_all(self.val_paths)
         log.info("%s: %d training and %d validation images", self.root, len(kept), len(val_images))
         self.train_set = RandomCropDataset(train_images, self.crop, self.repeat)
@@ -115,4 +117,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if not self.val_paths:
             raise DataError(f"no validation images under {self.root} to test on")
-        return DataLoader(FullImageDataset(self.val_paths), batch_size=1, num_workers=self.num_workers)
+        return DataLoader(
+            FullImageDataset(self.val_paths), batch_size=1, num_workers=self.num_workers
+        )

@@ -91,9 +91,7 @@ def summarize(results: list[ImageResult]) -> dict[str, float]:
         "decoding_time": mean([r.decoding_time for r in results]),
         "all_match_forward": all(r.matches_forward for r in results),
         "delta_psnr_vs_jpeg_db": mean([r.psnr - r.jpeg_psnr_at_bpp for r in results]),
-        "rate_vs_jpeg_percent": mean(
-            [100 * (r.bpp / r.jpeg_bpp_at_psnr - 1) for r in results]
-        ),
+        "rate_vs_jpeg_percent": mean([100 * (r.bpp / r.jpeg_bpp_at_psnr - 1) for r in results]),
     }
     summary["real_over_estimated"] = summary["bpp"] / summary["estimated_bpp"]
     return summary

@@ -14,7 +14,6 @@ from rich.table import Table
 from src.codecs.loading import load_codec
 from src.evaluation.evaluate import evaluate_image, summarize, write_results
 
-
 SHOWN = (
     "bpp",
     "psnr",
@@ -33,7 +32,9 @@ def summary_table(title: str, summary: dict) -> Table:
     table = Table(title=f"{title}  ({summary['images']} images)")
     for key in SHOWN:
         table.add_column(key)
-    table.add_row(*[f"{summary[k]:.4f}" if isinstance(summary[k], float) else str(summary[k]) for k in SHOWN])
+    table.add_row(
+        *[f"{summary[k]:.4f}" if isinstance(summary[k], float) else str(summary[k]) for k in SHOWN]
+    )
     return table
 
 
@@ -55,7 +56,9 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
         name = f"{codec.name}-{Path(ckpt).parent.parent.name}-{Path(ckpt).stem}"
         results = [
             evaluate_image(codec, x.to(cfg.device), n)
-            for x, n in track(list(zip(images, names)), description=f"coding with {Path(ckpt).name}")
+            for x, n in track(
+                list(zip(images, names)), description=f"coding with {Path(ckpt).name}"
+            )
         ]
         summary = summarize(results)
         write_results(results, summary, name, out_dir)

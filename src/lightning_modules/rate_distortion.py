@@ -84,7 +84,11 @@ class RateDistortion(pl.LightningModule):
         groups = [{"params": main, "name": "main"}]
         if entropy:
             groups.append(
-                {"params": entropy, "lr": base_lr * self.hparams.entropy_lr_scale, "name": "entropy"}
+                {
+                    "params": entropy,
+                    "lr": base_lr * self.hparams.entropy_lr_scale,
+                    "name": "entropy",
+                }
             )
         optimizers = [self.hparams.optimizer(groups)]
         aux = list(self.codec.aux_parameters())
@@ -167,7 +171,9 @@ class RateDistortion(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_metrics.items():
             if metric.update_count > 0:
-                self.log(f"val/{name}", metric.compute(), prog_bar=name in ("psnr",), sync_dist=False)
+                self.log(
+                    f"val/{name}", metric.compute(), prog_bar=name in ("psnr",), sync_dist=False
+                )
             metric.reset()
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -36,11 +36,16 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
     codec_name = checkpoint.get("codec_name")
     expected = getattr(getattr(module, "codec", None), "name", None)
     if codec_name and expected and codec_name != expected:
-        raise CheckpointError(f"checkpoint {path} holds a {codec_name} codec, this run builds {expected}")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {codec_name} codec, this run builds {expected}"
+        )
     shape_diff = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
         for k, v in own.items()
-        if k in state and state[k].shape != v.shape and "cdf" not in k and "offset" not in k
+        if k in state
+        and state[k].shape != v.shape
+        and "cdf" not in k
+        and "offset" not in k
         and "scale_table" not in k
     ]
     missing = [k for k in own if k not in state]
