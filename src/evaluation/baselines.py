@@ -12,7 +12,7 @@ from torch import Tensor
 
 from src.evaluation.metrics import ms_ssim, psnr
 
-DEFAULT_QUALITIES = (5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 95)
+DEFAULT_QUALITIES = (1, 2, 3, 5, 8, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 95)
 
 
 @dataclass

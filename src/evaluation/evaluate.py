@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from src.codecs.base import Codec
-from src.evaluation.baselines import pillow_codec_curve, quality_at_rate, rate_at_quality
+from src.evaluation.baselines import BaselinePoint, quality_at_rate, rate_at_quality
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ class ImageResult:
 
 
 @torch.no_grad()
-def evaluate_image(codec: Codec, x: Tensor, name: str) -> ImageResult:
-    """Code one (1, 3, H, W) image and measure it against JPEG at the same rate."""
+def evaluate_image(codec: Codec, x: Tensor, name: str, jpeg: list[BaselinePoint]) -> ImageResult:
+    """Code one (1, 3, H, W) image and measure it against its JPEG curve at the same rate."""
     h, w = x.shape[-2:]
     start = time.perf_counter()
     encoded = codec.compress(x)
@@ -59,7 +59,6 @@ def evaluate_image(codec: Codec, x: Tensor, name: str) -> ImageResult:
     value = float(psnr(x, x_hat))
     # The decoder must rebuild exactly what the model's own quantised forward pass shows.
     matches = bool((quantize_8bit(estimate.x_hat) - x_hat).abs().max() <= 1.5 / 255)
-    jpeg = pillow_codec_curve(x, "JPEG")
     return ImageResult(
         image=name,
         bpp=bpp,
@@ -117,3 +116,10 @@ def write_results(results: list[ImageResult], summary: dict, name: str, out_dir:
         "summary": summary,
     }
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
+
+
+def mean_curve(curves: list[list[BaselinePoint]]) -> tuple[list[float], list[float]]:
+    """A baseline's dataset curve: bpp and PSNR averaged over images at each quality setting."""
+    rates = [float(np.mean([c[i].bpp for c in curves])) for i in range(len(curves[0]))]
+    psnrs = [float(np.mean([c[i].psnr for c in curves])) for i in range(len(curves[0]))]
+    return rates, psnrs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -12,7 +14,10 @@ from rich.progress import track
 from rich.table import Table
 
 from src.codecs.loading import load_codec
-from src.evaluation.evaluate import evaluate_image, summarize, write_results
+from src.errors import CheckpointError
+from src.evaluation.baselines import pillow_codec_curve
+from src.evaluation.bd_rate import bd_rate
+from src.evaluation.evaluate import evaluate_image, mean_curve, summarize, write_results
 
 SHOWN = (
     "bpp",
@@ -20,6 +25,7 @@ SHOWN = (
     "ms_ssim",
     "delta_psnr_vs_jpeg_db",
     "rate_vs_jpeg_percent",
+    "estimated_bpp",
     "real_over_estimated",
     "encoding_time",
     "decoding_time",
@@ -28,41 +34,66 @@ SHOWN = (
 
 
 def summary_table(title: str, summary: dict) -> Table:
-    """One row of the headline figures."""
-    table = Table(title=f"{title}  ({summary['images']} images)")
+    """The headline figures of one checkpoint, one per row."""
+    table = Table(title=f"{title}  ({summary['images']} images)", show_header=False)
     for key in SHOWN:
-        table.add_column(key)
-    table.add_row(
-        *[f"{summary[k]:.4f}" if isinstance(summary[k], float) else str(summary[k]) for k in SHOWN]
-    )
+        value = summary[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     return table
 
 
+def expand_checkpoints(paths: list[str]) -> list[Path]:
+    """Checkpoint files; a directory stands for every run's best (else last) checkpoint in it."""
+    found = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append(path)
+            continue
+        runs = sorted({p.parent for p in path.rglob("checkpoints/*.ckpt")})
+        if not runs:
+            raise CheckpointError(f"no checkpoints/*.ckpt under {path}")
+        found += [r / "best.ckpt" if (r / "best.ckpt").exists() else r / "last.ckpt" for r in runs]
+    return found
+
+
 def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
-    """Evaluate each checkpoint on the test images of `cfg.data`; returns the summaries."""
+    """Evaluate each checkpoint on the test images of `cfg.data`; returns the summaries.
+
+    Two or more rate points (a λ sweep) form a curve whose BD-rate against JPEG's is reported.
+    """
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     datamodule = hydra.utils.instantiate(cfg.data)
-    if hasattr(datamodule, "prepare_data"):
-        datamodule.prepare_data()
+    datamodule.prepare_data()
     datamodule.setup("test")
     images = list(datamodule.test_dataloader())
     names = [p.name for p in datamodule.val_paths]
     out_dir = Path(cfg.paths.output_dir)
     console = Console()
+    jpeg = [pillow_codec_curve(x, "JPEG") for x in track(images, description="JPEG ladder")]
     summaries = {}
-    for ckpt in ckpts:
+    for ckpt in expand_checkpoints(ckpts):
         codec = load_codec(ckpt, device=cfg.device)
-        name = f"{codec.name}-{Path(ckpt).parent.parent.name}-{Path(ckpt).stem}"
+        name = f"{codec.name}-{ckpt.parent.parent.name}-{ckpt.stem}"
         results = [
-            evaluate_image(codec, x.to(cfg.device), n)
-            for x, n in track(
-                list(zip(images, names)), description=f"coding with {Path(ckpt).name}"
+            evaluate_image(codec, x.to(cfg.device), n, curve)
+            for x, n, curve in track(
+                list(zip(images, names, jpeg)), description=f"coding with {ckpt.name}"
             )
         ]
         summary = summarize(results)
         write_results(results, summary, name, out_dir)
-        summaries[ckpt] = summary
-        console.print(summary_table(ckpt, summary))
+        summaries[str(ckpt)] = summary
+        console.print(summary_table(str(ckpt), summary))
+    points = sorted({(s["bpp"], s["psnr"]) for s in summaries.values()})
+    if len(points) >= 2:
+        rates, psnrs = mean_curve(jpeg)
+        result = bd_rate(rates, psnrs, [r for r, _ in points], [q for _, q in points])
+        console.print(
+            f"BD-rate against JPEG (PSNR, PCHIP) over {len(points)} points: {result.value:+.2f} % "
+            f"on {result.overlap[0]:.2f}–{result.overlap[1]:.2f} dB "
+            f"({100 * result.overlap_fraction:.0f} % of the joint PSNR range)"
+        )
+        (out_dir / "bd_rate_vs_jpeg.json").write_text(json.dumps(asdict(result), indent=2))
     console.print(f"results written to {out_dir}")
     return summaries
