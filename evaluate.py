@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from src.errors import LicError
+from src.utils.cli import run_entry_point
 from src.utils.resolvers import register
 
 register()
@@ -18,12 +16,8 @@ def main(cfg: DictConfig) -> None:
     from src.evaluation.run import evaluate
 
     ckpts = list(cfg.ckpt) if isinstance(cfg.ckpt, ListConfig) else [cfg.ckpt]
-    try:
-        evaluate(cfg, [str(c) for c in ckpts])
-    except LicError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    evaluate(cfg, [str(c) for c in ckpts])
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

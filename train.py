@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from src.errors import LicError
+from src.utils.cli import run_entry_point
 from src.utils.resolvers import register
 
 register()
@@ -18,12 +15,8 @@ register()
 def main(cfg: DictConfig) -> None:
     from src.training import train
 
-    try:
-        train(cfg)
-    except (LicError, InstantiationException) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

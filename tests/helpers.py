@@ -32,7 +32,8 @@ TINY = [
 
 def run_script(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python script args` in the repository, as a user would; returns the finished process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["PYTHONUNBUFFERED"] = "1"
     return subprocess.run(
         [sys.executable, script, *args],
         cwd=REPO,

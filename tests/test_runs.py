@@ -19,7 +19,7 @@ def _ok(proc) -> None:
 def test_lambda_sweep_gives_one_directory_and_logger_run_per_lambda(tmp_path, sample_root):
     proc = run_script(
         "train.py",
-        ["-m", "model.lmbda=0.0018,0.025", "logger=tensorboard", *tiny_args(tmp_path, sample_root)],
+        ["-m", "model.lmbda=0.0018,0.025", *tiny_args(tmp_path, sample_root), "logger=tensorboard"],
     )
     _ok(proc)
     runs = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*_lmbda*"))
@@ -174,3 +174,20 @@ def test_evaluate_codes_the_validation_photos(tmp_path, sample_root):
     assert summaries
     text = Path(summaries[0]).read_text()
     assert '"psnr-rgb"' in text and '"delta_psnr_vs_jpeg_db"' in text
+
+
+def test_wandb_offline_run_logs_config_and_images(tmp_path, sample_root, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    proc = run_script(
+        "train.py", tiny_args(tmp_path, sample_root) + ["logger=wandb", "tags=[smoke]"]
+    )
+    _ok(proc)
+    runs = list((tmp_path / "logs").rglob("offline-run-*"))
+    assert runs, proc.stdout[-2000:]
+    assert list(runs[0].glob("files/media/images/val/reconstructions_*.png"))
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # config and metrics, offline
+    assert b"lmbda" in record and b"bmshj2018-hyperprior" in record and b"val/psnr" in record
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path, sample_root):
+    _ok(run_script("train.py", tiny_args(tmp_path, sample_root) + ["trainer.precision=bf16-mixed"]))

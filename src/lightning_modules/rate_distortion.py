@@ -66,7 +66,13 @@ class RateDistortion(pl.LightningModule):
             raise ConfigError(
                 f"model.scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
             )
-        self.save_hyperparameters(ignore=["codec"], logger=False)
+        # Plain values only: checkpoints stay loadable with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            ignore=["codec", "optimizer", "aux_optimizer", "scheduler"], logger=False
+        )
+        self.optimizer_factory = optimizer
+        self.aux_optimizer_factory = aux_optimizer
+        self.scheduler_factory = scheduler
         self.automatic_optimization = False
         self.codec = codec
         self.rd_loss = RateDistortionLoss(lmbda, metric)
@@ -80,7 +86,7 @@ class RateDistortion(pl.LightningModule):
         entropy = [p for p in self.codec.entropy_parameters() if id(p) not in aux_ids]
         entropy_ids = {id(p) for p in entropy}
         main = [p for p in self.parameters() if id(p) not in aux_ids | entropy_ids]
-        base_lr = self.hparams.optimizer.keywords.get("lr", 1e-4)
+        base_lr = self.optimizer_factory.keywords.get("lr", 1e-4)
         groups = [{"params": main, "name": "main"}]
         if entropy:
             groups.append(
@@ -90,14 +96,14 @@ class RateDistortion(pl.LightningModule):
                     "name": "entropy",
                 }
             )
-        optimizers = [self.hparams.optimizer(groups)]
+        optimizers = [self.optimizer_factory(groups)]
         aux = list(self.codec.aux_parameters())
-        if aux and self.hparams.aux_optimizer is not None:
-            optimizers.append(self.hparams.aux_optimizer(aux))
-        if self.hparams.scheduler is None:
+        if aux and self.aux_optimizer_factory is not None:
+            optimizers.append(self.aux_optimizer_factory(aux))
+        if self.scheduler_factory is None:
             return optimizers
         scheduler = {
-            "scheduler": self.hparams.scheduler(optimizers[0]),
+            "scheduler": self.scheduler_factory(optimizers[0]),
             "interval": self.hparams.scheduler_interval,
             "monitor": self.hparams.scheduler_monitor,
         }
@@ -132,7 +138,7 @@ class RateDistortion(pl.LightningModule):
             aux_opt.step()
             log["train/aux_loss"] = aux_loss.detach()
 
-        if self.hparams.scheduler is not None and self.hparams.scheduler_interval == "step":
+        if self.scheduler_factory is not None and self.hparams.scheduler_interval == "step":
             self.lr_schedulers().step()
         log["train/lr"] = torch.tensor(main_opt.optimizer.param_groups[0]["lr"])
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False)
@@ -140,7 +146,7 @@ class RateDistortion(pl.LightningModule):
         return terms.loss.detach()
 
     def on_train_epoch_end(self) -> None:
-        if self.hparams.scheduler is None or self.hparams.scheduler_interval != "epoch":
+        if self.scheduler_factory is None or self.hparams.scheduler_interval != "epoch":
             return
         scheduler = self.lr_schedulers()
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

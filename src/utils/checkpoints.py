@@ -16,7 +16,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which, not how torch failed
         raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

@@ -1,0 +1,45 @@
+"""Running a Hydra entry point so that a user's mistake ends in one clear line, not a traceback.
+
+Hydra is told to let exceptions through (HYDRA_FULL_ERROR=1) and this wrapper reports the kinds a
+user causes: the framework's own errors, config composition and interpolation errors, failed
+instantiation, and an output path that cannot be created. Anything else is a bug and keeps its
+full traceback; so does everything when the user sets HYDRA_FULL_ERROR=1 to debug.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from src.errors import LicError
+
+USER_ERRORS = (LicError, HydraException, OmegaConfBaseException)
+
+
+def explain(err: BaseException) -> str:
+    """The innermost framework error's message if there is one, else this error's."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, LicError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(err, OSError) and err.filename:
+        return f"cannot write {err.filename}: {err.strerror}"
+    return str(err).strip()
+
+
+def run_entry_point(main: Callable[[], None]) -> None:
+    """Call a `@hydra.main` function; report user errors on stderr and exit with status 2."""
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
+    try:
+        main()
+    except (*USER_ERRORS, OSError) as err:
+        if wants_traceback or (isinstance(err, OSError) and not err.filename):
+            raise
+        print(f"error: {explain(err)}", file=sys.stderr)
+        sys.exit(2)
