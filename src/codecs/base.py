@@ -42,7 +42,6 @@ class Encoded:
     streams: list[bytes]
     latent_shape: tuple[int, ...]
     image_size: tuple[int, int]
-    rate: float | int | None = None
 
     def num_bytes(self) -> int:
         """Bytes taken by the streams alone (the container adds its header on top)."""
