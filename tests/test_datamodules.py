@@ -46,7 +46,9 @@ def test_odd_images_decode_to_rgb(tmp_path):
     assert decode_rgb(_photo(tmp_path / "p.png", mode="P")).shape == (3, 60, 80)
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red over white
     rgba.save(tmp_path / "a.png")
-    assert torch.equal(decode_rgb(tmp_path / "a.png"), torch.full((3, 8, 8), 255, dtype=torch.uint8))
+    assert torch.equal(
+        decode_rgb(tmp_path / "a.png"), torch.full((3, 8, 8), 255, dtype=torch.uint8)
+    )
     Image.fromarray(np.full((6, 5), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
     assert int(decode_rgb(tmp_path / "deep.png").max()) == 255
 

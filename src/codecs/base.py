@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from src.coding.container import BitstreamError, Container, fingerprint, pack, unpack
+
 
 @dataclass
 class CodecOutput:
@@ -122,6 +124,32 @@ class Codec(nn.Module):
         """Decode `encoded` into (1, 3, H, W) in [0, 1], cropped to the original size."""
         x_hat = self._decompress_padded(encoded.streams, encoded.latent_shape)
         return crop_to(x_hat.clamp(0, 1), encoded.image_size)
+
+    def compress_to_bytes(self, x: Tensor) -> bytes:
+        """One image as a complete file in the framework's container format."""
+        encoded = self.compress(x)
+        container = Container(
+            codec_name=self.name,
+            fingerprint=fingerprint(self, self.config()),
+            image_size=encoded.image_size,
+            latent_shape=encoded.latent_shape,
+            streams=encoded.streams,
+        )
+        return pack(container)
+
+    def decompress_bytes(self, data: bytes) -> Tensor:
+        """Decode a file written by `compress_to_bytes` of this very codec (weights and config)."""
+        container = unpack(data)
+        if container.codec_name != self.name:
+            raise BitstreamError(
+                f"file was written by a {container.codec_name} codec, not {self.name}"
+            )
+        if container.fingerprint != fingerprint(self, self.config()):
+            raise BitstreamError(
+                f"file was written by another {self.name} model (weights or config differ)"
+            )
+        encoded = Encoded(container.streams, container.latent_shape, container.image_size)
+        return self.decompress(encoded)
 
     def prepare_for_coding(self) -> None:
         """Freeze whatever real coding needs (CDF tables, code frequencies). Idempotent."""

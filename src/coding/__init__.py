@@ -1,0 +1,1 @@
+"""Byte-level coding shared by every codec: the container format and its checks."""

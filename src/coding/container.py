@@ -1,0 +1,146 @@
+"""The framework's one file format for a coded image.
+
+    offset  size  field
+    0       4     magic b"LIC1"
+    4       1     format version (1)
+    5       1     n = length of the codec name, then n bytes of UTF-8
+    .       8     fingerprint of the codec's weights and config (see `fingerprint`)
+    .       4+4   original image height, width (uint32)
+    .       1     k = number of latent-shape integers, then k × uint32
+    .       1     s = number of streams, then s × (uint32 length + bytes)
+    end-4   4     CRC32 of everything before it
+
+Little-endian throughout. `unpack` checks the CRC before anything else, then every length
+against the bytes that remain and every size against fixed bounds, so a truncated, flipped or
+foreign file raises `BitstreamError` before any allocation or entropy decoder sees it. The real
+bpp of an image is `8 * len(file) / (H * W)`, header included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from src.errors import LicError
+
+MAGIC = b"LIC1"
+VERSION = 1
+FINGERPRINT_BYTES = 8
+MAX_SIDE = 1 << 16
+MAX_STREAMS = 64
+MAX_SHAPE_DIMS = 8
+MAX_STREAM_BYTES = 1 << 30
+
+
+class BitstreamError(LicError):
+    """A coded file that cannot be decoded: corrupt, truncated, foreign, or for another model."""
+
+
+@dataclass
+class Container:
+    """The decoded header and streams of one file."""
+
+    codec_name: str
+    fingerprint: bytes
+    image_size: tuple[int, int]
+    latent_shape: tuple[int, ...]
+    streams: list[bytes]
+
+
+def fingerprint(module: nn.Module, config: dict) -> bytes:
+    """8 bytes of SHA-256 over a codec's config and every tensor of its state (sorted by name)."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.digest()[:FINGERPRINT_BYTES]
+
+
+def pack(container: Container) -> bytes:
+    """Serialise a container (see the module docstring for the layout)."""
+    name = container.codec_name.encode()
+    h, w = container.image_size
+    if not 0 < len(name) < 256:
+        raise ValueError(f"codec name must be 1..255 bytes, got {len(name)}")
+    if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE):
+        raise ValueError(f"image size {h}x{w} is outside 1..{MAX_SIDE}")
+    if len(container.fingerprint) != FINGERPRINT_BYTES:
+        raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
+    if len(container.latent_shape) > MAX_SHAPE_DIMS or len(container.streams) > MAX_STREAMS:
+        raise ValueError("too many latent-shape integers or streams")
+    parts = [MAGIC, struct.pack("<BB", VERSION, len(name)), name, container.fingerprint]
+    parts.append(struct.pack("<IIB", h, w, len(container.latent_shape)))
+    parts.append(struct.pack(f"<{len(container.latent_shape)}I", *container.latent_shape))
+    parts.append(struct.pack("<B", len(container.streams)))
+    for stream in container.streams:
+        parts += [struct.pack("<I", len(stream)), stream]
+    body = b"".join(parts)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+class _Reader:
+    """Reads little-endian fields, refusing to read past the end."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise BitstreamError(
+                f"truncated file: {what} needs {n} bytes, {len(self.data) - self.pos} left"
+            )
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
+
+
+def unpack(data: bytes) -> Container:
+    """Parse and validate a file written by `pack`; raises `BitstreamError` on anything wrong."""
+    if len(data) < len(MAGIC) + 4 or data[: len(MAGIC)] != MAGIC:
+        raise BitstreamError("not a lic-lab file (bad magic)")
+    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise BitstreamError("corrupt file: CRC32 does not match its contents")
+    reader = _Reader(body)
+    reader.take(len(MAGIC), "magic")
+    version, name_len = reader.unpack("<BB", "version")
+    if version != VERSION:
+        raise BitstreamError(
+            f"format version {version} is not supported (this reader knows {VERSION})"
+        )
+    try:
+        name = reader.take(name_len, "codec name").decode()
+    except UnicodeDecodeError as err:
+        raise BitstreamError("corrupt file: codec name is not UTF-8") from err
+    print_ = reader.take(FINGERPRINT_BYTES, "fingerprint")
+    h, w, dims = reader.unpack("<IIB", "image size")
+    if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE):
+        raise BitstreamError(f"implausible image size {h}x{w}")
+    if dims > MAX_SHAPE_DIMS:
+        raise BitstreamError(f"implausible latent shape with {dims} dimensions")
+    shape = reader.unpack(f"<{dims}I", "latent shape")
+    if any(not 0 < s <= MAX_SIDE for s in shape):
+        raise BitstreamError(f"implausible latent shape {shape}")
+    (count,) = reader.unpack("<B", "stream count")
+    if count > MAX_STREAMS:
+        raise BitstreamError(f"implausible stream count {count}")
+    streams = []
+    for i in range(count):
+        (length,) = reader.unpack("<I", f"length of stream {i}")
+        if length > MAX_STREAM_BYTES:
+            raise BitstreamError(f"implausible length {length} of stream {i}")
+        streams.append(reader.take(length, f"stream {i}"))
+    if reader.pos != len(body):
+        raise BitstreamError(
+            f"corrupt file: {len(body) - reader.pos} unexpected bytes after the streams"
+        )
+    return Container(name, print_, (h, w), tuple(shape), streams)

@@ -1,0 +1,77 @@
+"""The container format: round trips, and every kind of damage ends in BitstreamError."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from src.codecs.compressai_zoo import CompressAICodec
+from src.coding.container import BitstreamError, Container, pack, unpack
+
+EXAMPLE = Container("bmshj2018-hyperprior", b"\x01" * 8, (300, 451), (5, 8), [b"abc" * 20, b"z"])
+
+
+def test_pack_unpack_round_trip():
+    assert unpack(pack(EXAMPLE)) == EXAMPLE
+
+
+def test_every_truncation_is_refused():
+    data = pack(EXAMPLE)
+    for n in range(len(data)):
+        with pytest.raises(BitstreamError):
+            unpack(data[:n])
+
+
+def test_every_single_byte_flip_is_refused():
+    data = bytearray(pack(EXAMPLE))
+    for i in range(len(data)):
+        damaged = bytearray(data)
+        damaged[i] ^= 0x40
+        with pytest.raises(BitstreamError):
+            unpack(bytes(damaged))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=200), st.integers(min_value=0, max_value=10**6))
+def test_random_mutations_never_crash(noise, seed):
+    rng = random.Random(seed)
+    data = bytearray(pack(EXAMPLE))
+    for _ in range(rng.randint(1, 4)):
+        op = rng.choice(("flip", "cut", "insert"))
+        if op == "flip" and data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif op == "cut" and data:
+            del data[rng.randrange(len(data)) :]
+        else:
+            pos = rng.randrange(len(data) + 1)
+            data[pos:pos] = noise[:16]
+    try:
+        assert unpack(bytes(data)) is not None
+    except BitstreamError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def codec() -> CompressAICodec:
+    torch.manual_seed(0)
+    codec = CompressAICodec("bmshj2018-hyperprior", quality=1, N=8, M=8).eval()
+    codec.prepare_for_coding()
+    return codec
+
+
+def test_codec_file_round_trip_and_wrong_model(codec):
+    x = torch.rand(1, 3, 45, 70)
+    data = codec.compress_to_bytes(x)
+    assert torch.equal(codec.decompress_bytes(data), codec.decompress(codec.compress(x)))
+    torch.manual_seed(1)
+    other = CompressAICodec("bmshj2018-hyperprior", quality=1, N=8, M=8).eval()
+    other.prepare_for_coding()
+    with pytest.raises(BitstreamError, match="another bmshj2018-hyperprior model"):
+        other.decompress_bytes(data)
+    factorized = CompressAICodec("bmshj2018-factorized", quality=1, N=8, M=8).eval()
+    with pytest.raises(BitstreamError, match="written by a bmshj2018-hyperprior codec"):
+        factorized.decompress_bytes(data)
