@@ -25,32 +25,38 @@ def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return gather_sample_photos(tmp_path_factory.mktemp("data") / "sample")
 
 
+def compose_config(
+    out_dir: Path, sample_root: Path, *overrides: str, tiny: bool = True
+) -> DictConfig:
+    """The train config as `python train.py` composes it, writing its run into `out_dir/run`."""
+    GlobalHydra.instance().clear()
+    base = [
+        f"paths.log_dir={out_dir}/logs",
+        f"paths.data_dir={out_dir}/data",
+        f"data.root={sample_root}",
+        f"hydra.run.dir={out_dir}/run",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=base + (TINY if tiny else []) + list(overrides),
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir / "run")
+    GlobalHydra.instance().clear()
+    return cfg
+
+
 @pytest.fixture
 def compose_train(tmp_path: Path, sample_root: Path):
     """compose_train(*overrides) -> the train config, tiny, writing under tmp_path."""
 
     def _compose(*overrides: str, tiny: bool = True) -> DictConfig:
-        GlobalHydra.instance().clear()
-        base = [
-            f"paths.log_dir={tmp_path}/logs",
-            f"paths.data_dir={tmp_path}/data",
-            f"data.root={sample_root}",
-            f"hydra.run.dir={tmp_path}/run",
-        ]
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose(
-                "train",
-                overrides=base + (TINY if tiny else []) + list(overrides),
-                return_hydra_config=True,
-            )
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-            cfg.paths.root_dir = str(REPO)
-        return cfg
+        return compose_config(tmp_path, sample_root, *overrides, tiny=tiny)
 
-    yield _compose
-    GlobalHydra.instance().clear()
+    return _compose
 
 
 def tiny_args(tmp_path: Path, sample_root: Path) -> list[str]:
