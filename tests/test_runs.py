@@ -174,6 +174,7 @@ def test_evaluate_codes_the_validation_photos(tmp_path, sample_root):
     assert summaries
     text = Path(summaries[0]).read_text()
     assert '"psnr-rgb"' in text and '"delta_psnr_vs_jpeg_db"' in text
+    assert (summaries[0].parent / "rd.png").stat().st_size > 1000
 
 
 def test_wandb_offline_run_logs_config_and_images(tmp_path, sample_root, monkeypatch):

@@ -118,8 +118,9 @@ def write_results(results: list[ImageResult], summary: dict, name: str, out_dir:
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
 
 
-def mean_curve(curves: list[list[BaselinePoint]]) -> tuple[list[float], list[float]]:
-    """A baseline's dataset curve: bpp and PSNR averaged over images at each quality setting."""
-    rates = [float(np.mean([c[i].bpp for c in curves])) for i in range(len(curves[0]))]
-    psnrs = [float(np.mean([c[i].psnr for c in curves])) for i in range(len(curves[0]))]
-    return rates, psnrs
+def mean_curve(curves: list[list[BaselinePoint]]) -> dict[str, list[float]]:
+    """A baseline's dataset curve: bpp, PSNR and MS-SSIM averaged over images per quality."""
+    return {
+        key: [float(np.mean([getattr(c[i], key) for c in curves])) for i in range(len(curves[0]))]
+        for key in ("bpp", "psnr", "ms_ssim")
+    }

@@ -31,9 +31,9 @@ def ms_ssim(x: Tensor, x_hat: Tensor, data_range: float = 1.0) -> Tensor:
     return _ms_ssim(x.float(), x_hat.float(), data_range=data_range, size_average=False)
 
 
-def ms_ssim_db(value: Tensor) -> Tensor:
+def ms_ssim_db(value: Tensor | float) -> Tensor:
     """MS-SSIM on the decibel scale the RD plots use: -10 log10(1 - MS-SSIM)."""
-    return -10 * torch.log10((1 - value).clamp_min(1e-12))
+    return -10 * torch.log10((1 - torch.as_tensor(value, dtype=torch.float64)).clamp_min(1e-12))
 
 
 def bits_per_pixel(bits: Tensor, height: int, width: int) -> Tensor:

@@ -18,6 +18,7 @@ from src.errors import CheckpointError
 from src.evaluation.baselines import pillow_codec_curve
 from src.evaluation.bd_rate import bd_rate
 from src.evaluation.evaluate import evaluate_image, mean_curve, summarize, write_results
+from src.evaluation.plot import plot_rd
 
 SHOWN = (
     "bpp",
@@ -85,10 +86,17 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
         write_results(results, summary, name, out_dir)
         summaries[str(ckpt)] = summary
         console.print(summary_table(str(ckpt), summary))
-    points = sorted({(s["bpp"], s["psnr"]) for s in summaries.values()})
+    jpeg_curve = mean_curve(jpeg)
+    ours = {key: [s[key] for s in summaries.values()] for key in ("bpp", "psnr", "ms_ssim")}
+    plot = plot_rd(
+        {"learned (this run)": ours, "JPEG (Pillow 4:2:0)": jpeg_curve}, out_dir / "rd.png"
+    )
+    console.print(f"RD plot: {plot}")
+    points = sorted(set(zip(ours["bpp"], ours["psnr"])))
     if len(points) >= 2:
-        rates, psnrs = mean_curve(jpeg)
-        result = bd_rate(rates, psnrs, [r for r, _ in points], [q for _, q in points])
+        result = bd_rate(
+            jpeg_curve["bpp"], jpeg_curve["psnr"], [r for r, _ in points], [q for _, q in points]
+        )
         console.print(
             f"BD-rate against JPEG (PSNR, PCHIP) over {len(points)} points: {result.value:+.2f} % "
             f"on {result.overlap[0]:.2f}–{result.overlap[1]:.2f} dB "
