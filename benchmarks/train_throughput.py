@@ -3,9 +3,10 @@
 The plain loop is CompressAI's examples/train.py reduced to its step: Adam on the network, Adam
 on the quantiles, λ·255²·MSE + bpp, clip 1.0. The framework runs the default config (quickstart
 recipe, TensorBoard logging, progress bar) through Lightning. Both draw crops from the same
-in-memory photos; timing skips warm-up steps. Target: framework / plain >= 0.97.
+in-memory photos; timing skips warm-up steps; the two alternate `--repeats` times and each keeps
+its best, so a passing background load does not decide the ratio. Target: framework / plain >= 0.97.
 
-    python benchmarks/train_throughput.py [--steps 200] [--warmup 20] [--batch 8] [--crop 128]
+    python benchmarks/train_throughput.py [--steps 200] [--warmup 20] [--batch 8] [--crop 128] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     register()
@@ -113,13 +115,15 @@ def main() -> None:
     data.prepare_data()
     data.setup("fit")
     n, m = cfg.model.codec.N, cfg.model.codec.M
-    pl.seed_everything(0)
-    plain = plain_loop(data, n, m, float(cfg.model.lmbda), args.steps, args.warmup)
-    pl.seed_everything(0)
-    ours = framework(cfg, args.steps, args.warmup)
+    plain = ours = 0.0
+    for _ in range(args.repeats):
+        pl.seed_everything(0)
+        plain = max(plain, plain_loop(data, n, m, float(cfg.model.lmbda), args.steps, args.warmup))
+        pl.seed_everything(0)
+        ours = max(ours, framework(cfg, args.steps, args.warmup))
     print(
         f"codec bmshj2018-hyperprior N={n} M={m}, batch {args.batch}x{args.crop}², "
-        f"{args.threads} threads, {args.steps} steps ({args.warmup} warm-up)"
+        f"{args.threads} threads, {args.steps} steps ({args.warmup} warm-up), best of {args.repeats}"
     )
     print(f"plain PyTorch loop: {plain:7.2f} steps/s")
     print(f"framework:          {ours:7.2f} steps/s")
