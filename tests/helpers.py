@@ -23,6 +23,7 @@ TINY = [
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
     "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=2",
     "trainer.max_time=null",
     "callbacks.model_summary=null",
     "model.num_logged_images=1",

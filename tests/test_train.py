@@ -69,4 +69,15 @@ def test_default_run_writes_best_and_last_coding_ready_checkpoints(compose_train
     assert codec.decompress(codec.compress(x)).shape == x.shape
     out = capsys.readouterr().out
     assert "python evaluate.py ckpt=" in out and "best.ckpt" in out
-    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
+    logged = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
+    header = logged.splitlines()[0].split(",")
+    assert {"train/loss", "train/bpp", "train/aux_loss", "train/lr", "val/psnr"} <= set(header)
+    steps_with_train_loss = [
+        row.split(",")[header.index("step")]
+        for row in logged.splitlines()[1:]
+        if row.split(",")[header.index("train/loss")]
+    ]
+    assert steps_with_train_loss == [
+        "1",
+        "3",
+    ]  # every log_every_n_steps=2, Lightning's 0-based step
