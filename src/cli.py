@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        args.fn(args)
+        with torch.no_grad():
+            args.fn(args)
     except (LicError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
