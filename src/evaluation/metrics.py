@@ -1,7 +1,7 @@
-"""Per-image quality and rate metrics, computed the way CompressAI's evaluation does.
+"""Per-image quality metrics, computed the way CompressAI's evaluation does.
 
 PSNR and MS-SSIM are computed per image on inputs in [0, 1] and averaged over images by the
-caller; bits per pixel always divide by the original (unpadded) pixel count.
+caller.
 """
 
 from __future__ import annotations
@@ -34,8 +34,3 @@ def ms_ssim(x: Tensor, x_hat: Tensor, data_range: float = 1.0) -> Tensor:
 def ms_ssim_db(value: Tensor | float) -> Tensor:
     """MS-SSIM on the decibel scale the RD plots use: -10 log10(1 - MS-SSIM)."""
     return -10 * torch.log10((1 - torch.as_tensor(value, dtype=torch.float64)).clamp_min(1e-12))
-
-
-def bits_per_pixel(bits: Tensor, height: int, width: int) -> Tensor:
-    """Bits over the original pixel count of one image (or per image of a batch)."""
-    return bits / float(height * width)

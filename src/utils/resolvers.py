@@ -24,11 +24,10 @@ def _run_group(default: str) -> str:
 
 
 def register() -> None:
-    """Register `lmbda_ladder`, `run_group` and `mul` once per process."""
+    """Register `lmbda_ladder` and `run_group` once per process."""
     resolvers = {
         "lmbda_ladder": lambda metric, quality: lmbda_for(metric, int(quality)),
         "run_group": _run_group,
-        "mul": lambda a, b: a * b,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
