@@ -90,3 +90,11 @@ def test_quality_picks_compressai_lambda_and_widths(compose_train):
     assert cfg.model.lmbda == pytest.approx(2.40)
     cfg = compose_train("model.lmbda=0.0130")
     assert cfg.model.lmbda == pytest.approx(0.0130)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_trainer_logger_combination_composes(compose_train, model):
+    for trainer in TRAINERS:
+        for logger in LOGGERS:
+            cfg = compose_train(f"model={model}", f"trainer={trainer}", f"logger={logger}")
+            assert cfg.model.codec.arch and cfg.trainer.accelerator and logger in cfg.logger
