@@ -75,3 +75,17 @@ def test_codec_file_round_trip_and_wrong_model(codec):
     factorized = CompressAICodec("bmshj2018-factorized", quality=1, N=8, M=8).eval()
     with pytest.raises(BitstreamError, match="written by a bmshj2018-hyperprior codec"):
         factorized.decompress_bytes(data)
+
+
+def test_fingerprint_follows_the_weights(codec):
+    before = codec.fingerprint()
+    assert codec.fingerprint() == before  # cached, and stable
+    param = next(codec.parameters())
+    original = param.detach().clone()
+    with torch.no_grad():
+        param.add_(1.0)
+    changed = codec.fingerprint()
+    with torch.no_grad():
+        param.copy_(original)
+    assert changed != before
+    assert codec.fingerprint() == before

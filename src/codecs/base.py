@@ -87,6 +87,7 @@ class Codec(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._init_args: dict[str, Any] = {}
+        self._fingerprint_cache: tuple[tuple, bytes] | None = None
         self._register_load_state_dict_pre_hook(self._resize_buffers_to_incoming)
 
     def _record_config(self, **init_args: Any) -> None:
@@ -125,12 +126,24 @@ class Codec(nn.Module):
         x_hat = self._decompress_padded(encoded.streams, encoded.latent_shape)
         return crop_to(x_hat.clamp(0, 1), encoded.image_size)
 
+    def fingerprint(self) -> bytes:
+        """The container fingerprint of the current weights and config.
+
+        Hashing every weight costs tens of milliseconds, so it is cached and recomputed only when
+        some tensor of the state has been modified in place since (PyTorch's version counters).
+        """
+        state = self.state_dict(keep_vars=True)
+        key = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+        if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
+            self._fingerprint_cache = (key, fingerprint(self, self.config()))
+        return self._fingerprint_cache[1]
+
     def compress_to_bytes(self, x: Tensor) -> bytes:
         """One image as a complete file in the framework's container format."""
         encoded = self.compress(x)
         container = Container(
             codec_name=self.name,
-            fingerprint=fingerprint(self, self.config()),
+            fingerprint=self.fingerprint(),
             image_size=encoded.image_size,
             latent_shape=encoded.latent_shape,
             streams=encoded.streams,
@@ -144,7 +157,7 @@ class Codec(nn.Module):
             raise BitstreamError(
                 f"file was written by a {container.codec_name} codec, not {self.name}"
             )
-        if container.fingerprint != fingerprint(self, self.config()):
+        if container.fingerprint != self.fingerprint():
             raise BitstreamError(
                 f"file was written by another {self.name} model (weights or config differ)"
             )

@@ -39,14 +39,12 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
         raise CheckpointError(
             f"checkpoint {path} holds a {codec_name} codec, this run builds {expected}"
         )
+    # Parameters must match; buffers may not (coding tables change size once built, and every
+    # Codec resizes its buffers to the incoming ones while loading).
     shape_diff = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state
-        and state[k].shape != v.shape
-        and "cdf" not in k
-        and "offset" not in k
-        and "scale_table" not in k
+        f"{k} {tuple(state[k].shape)} vs {tuple(p.shape)}"
+        for k, p in module.named_parameters()
+        if k in state and state[k].shape != p.shape
     ]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
