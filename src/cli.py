@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from src.codecs.loading import load_codec
-from src.coding.container import unpack
+from src.coding.container import Rate, unpack
 from src.datamodules.images import decode_rgb
 from src.errors import LicError
 from src.evaluation.baselines import to_pil
@@ -32,7 +32,14 @@ def _compress(args: argparse.Namespace) -> None:
             )
     x = decode_rgb(args.input).float().div(255).unsqueeze(0)
     codec = load_codec(args.ckpt, device=args.device)
-    data = codec.compress_to_bytes(x.to(args.device))
+    rate = None
+    if args.rate_index is not None and args.factor is not None:
+        raise LicError("give --rate-index or --factor, not both")
+    if args.rate_index is not None:
+        rate = Rate.index(args.rate_index)
+    elif args.factor is not None:
+        rate = Rate.factor(args.factor)
+    data = codec.compress_to_bytes(x.to(args.device), rate)
     Path(args.output).write_bytes(data)
     h, w = x.shape[-2:]
     print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
@@ -40,7 +47,7 @@ def _compress(args: argparse.Namespace) -> None:
 
 def _decompress(args: argparse.Namespace) -> None:
     codec = load_codec(args.ckpt, device=args.device)
-    x_hat = codec.decompress_bytes(Path(args.input).read_bytes())
+    x_hat = codec.decompress_bytes(Path(args.input).read_bytes(), levels=args.levels)
     to_pil(x_hat).save(args.output)
     print(f"{args.output}: {x_hat.shape[-1]}x{x_hat.shape[-2]}")
 
@@ -53,6 +60,7 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"fingerprint:  {c.fingerprint.hex()}")
     print(f"image:        {w}x{h}")
     print(f"latent shape: {c.latent_shape}")
+    print(f"rate:         {c.rate if c.rate is not None else 'fixed'}")
     print(f"streams:      {', '.join(str(len(s)) for s in c.streams)} bytes")
     print(f"file:         {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp")
 
@@ -70,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("input")
         p.add_argument("output")
         p.set_defaults(fn=fn)
+        if name == "compress":
+            p.add_argument("--rate-index", type=int, help="variable-rate codecs: a trained rate")
+            p.add_argument("--factor", type=float, help="variable-rate codecs: a continuous rate")
+        else:
+            p.add_argument("--levels", type=int, help="progressive codecs: decode k latent groups")
     p = sub.add_parser("inspect", help="print a coded file's header")
     p.add_argument("input")
     p.set_defaults(fn=_inspect)

@@ -10,13 +10,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from src.codecs.compressai_zoo import CompressAICodec
-from src.coding.container import BitstreamError, Container, pack, unpack
+from src.coding.container import BitstreamError, Container, Rate, pack, unpack
+from src.errors import LicError
 
 EXAMPLE = Container("bmshj2018-hyperprior", b"\x01" * 8, (300, 451), (5, 8), [b"abc" * 20, b"z"])
 
 
 def test_pack_unpack_round_trip():
     assert unpack(pack(EXAMPLE)) == EXAMPLE
+
+
+@pytest.mark.parametrize("rate", [Rate.index(3), Rate.factor(2.718281828), None])
+def test_rate_setting_travels_in_the_header(rate):
+    container = Container("qvrf", b"\x02" * 8, (64, 48), (4, 3), [b"x"], rate)
+    assert unpack(pack(container)).rate == rate
+
+
+def test_fixed_rate_codec_refuses_a_rate_setting():
+    codec = CompressAICodec("bmshj2018-factorized", N=8, M=8).eval()
+    codec.prepare_for_coding()
+    with pytest.raises(LicError, match="single rate"):
+        codec.compress_to_bytes(torch.rand(1, 3, 32, 32), Rate.index(1))
 
 
 def test_every_truncation_is_refused():

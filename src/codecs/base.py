@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.coding.container import BitstreamError, Container, fingerprint, pack, unpack
+from src.coding.container import BitstreamError, Container, Rate, fingerprint, pack, unpack
+from src.errors import LicError
 
 
 @dataclass
@@ -39,11 +40,16 @@ class CodecOutput:
 
 @dataclass
 class Encoded:
-    """One image as bytes: the entropy-coded streams plus the integers needed to decode them."""
+    """One image as bytes: the entropy-coded streams plus the integers needed to decode them.
+
+    `rate` is the setting a variable-rate codec coded at; it travels in the container header so
+    decoding needs no flag.
+    """
 
     streams: list[bytes]
     latent_shape: tuple[int, ...]
     image_size: tuple[int, int]
+    rate: Rate | None = None
 
     def num_bytes(self) -> int:
         """Bytes taken by the streams alone (the container adds its header on top)."""
@@ -79,10 +85,16 @@ class Codec(nn.Module):
     `_*_padded` methods. `aux_parameters()` names the parameters that only an auxiliary loss
     trains (CompressAI's quantiles); `entropy_parameters()` names the density parameters of the
     entropy models, which the recipe may train at their own learning rate.
+
+    Variable-rate codecs set `num_rates` > 1 and override `set_rate` / `current_rate`; the rate
+    is model state (the recipe sets it per batch, `compress` per file). Progressive codecs set
+    `progressive = True` and accept `levels` in `_decompress_padded`.
     """
 
     name: str = "codec"
     stride: int = 1
+    num_rates: int = 1
+    progressive: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,8 +121,10 @@ class Codec(nn.Module):
         return out
 
     @torch.no_grad()
-    def compress(self, x: Tensor) -> Encoded:
-        """Entropy-code one image (1, 3, H, W) or (3, H, W) into bytes."""
+    def compress(self, x: Tensor, rate: Rate | None = None) -> Encoded:
+        """Entropy-code one image (1, 3, H, W) or (3, H, W) into bytes, at `rate` if given."""
+        if rate is not None:
+            self.set_rate(rate)
         if x.dim() == 3:
             x = x.unsqueeze(0)
         if x.shape[0] != 1:
@@ -118,13 +132,35 @@ class Codec(nn.Module):
         size = (int(x.shape[-2]), int(x.shape[-1]))
         x_padded, _ = pad_to_multiple(x, self.stride)
         streams, latent_shape = self._compress_padded(x_padded)
-        return Encoded(streams=streams, latent_shape=tuple(latent_shape), image_size=size)
+        return Encoded(streams, tuple(latent_shape), size, self.current_rate())
 
     @torch.no_grad()
-    def decompress(self, encoded: Encoded) -> Tensor:
-        """Decode `encoded` into (1, 3, H, W) in [0, 1], cropped to the original size."""
-        x_hat = self._decompress_padded(encoded.streams, encoded.latent_shape)
+    def decompress(self, encoded: Encoded, levels: int | None = None) -> Tensor:
+        """Decode `encoded` into (1, 3, H, W) in [0, 1], cropped to the original size.
+
+        `levels` decodes only the first latent groups of a progressive codec.
+        """
+        if encoded.rate is not None:
+            self.set_rate(encoded.rate)
+        if levels is None:
+            x_hat = self._decompress_padded(encoded.streams, encoded.latent_shape)
+        elif self.progressive:
+            x_hat = self._decompress_padded(encoded.streams, encoded.latent_shape, levels=levels)
+        else:
+            raise LicError(f"{self.name} is not a progressive codec; it takes no levels")
         return crop_to(x_hat.clamp(0, 1), encoded.image_size)
+
+    def set_rate(self, rate: Rate) -> None:
+        """Code and reconstruct at `rate` from now on (variable-rate codecs override this)."""
+        raise LicError(f"{self.name} codes at a single rate; it takes no rate index or factor")
+
+    def current_rate(self) -> Rate | None:
+        """The rate setting in use, written into the container header (None: a fixed rate)."""
+        return None
+
+    def coding_report(self, x: Tensor, encoded: Encoded) -> dict[str, float]:
+        """Family-specific figures for evaluate.py's per-image CSV (KL, raw bound, ...)."""
+        return {}
 
     def fingerprint(self) -> bytes:
         """The container fingerprint of the current weights and config.
@@ -138,19 +174,23 @@ class Codec(nn.Module):
             self._fingerprint_cache = (key, fingerprint(self, self.config()))
         return self._fingerprint_cache[1]
 
-    def compress_to_bytes(self, x: Tensor) -> bytes:
+    def compress_to_bytes(self, x: Tensor, rate: Rate | None = None) -> bytes:
         """One image as a complete file in the framework's container format."""
-        encoded = self.compress(x)
+        return self.pack(self.compress(x, rate))
+
+    def pack(self, encoded: Encoded) -> bytes:
+        """`encoded` as a complete file, stamped with this codec's name and fingerprint."""
         container = Container(
             codec_name=self.name,
             fingerprint=self.fingerprint(),
             image_size=encoded.image_size,
             latent_shape=encoded.latent_shape,
             streams=encoded.streams,
+            rate=encoded.rate,
         )
         return pack(container)
 
-    def decompress_bytes(self, data: bytes) -> Tensor:
+    def decompress_bytes(self, data: bytes, levels: int | None = None) -> Tensor:
         """Decode a file written by `compress_to_bytes` of this very codec (weights and config)."""
         container = unpack(data)
         if container.codec_name != self.name:
@@ -161,8 +201,10 @@ class Codec(nn.Module):
             raise BitstreamError(
                 f"file was written by another {self.name} model (weights or config differ)"
             )
-        encoded = Encoded(container.streams, container.latent_shape, container.image_size)
-        return self.decompress(encoded)
+        encoded = Encoded(
+            container.streams, container.latent_shape, container.image_size, container.rate
+        )
+        return self.decompress(encoded, levels)
 
     def prepare_for_coding(self) -> None:
         """Freeze whatever real coding needs (CDF tables, code frequencies). Idempotent."""

@@ -2,11 +2,13 @@
 
     offset  size  field
     0       4     magic b"LIC1"
-    4       1     format version (1)
+    4       1     format version (2)
     5       1     n = length of the codec name, then n bytes of UTF-8
     .       8     fingerprint of the codec's weights and config (see `fingerprint`)
     .       4+4   original image height, width (uint32)
     .       1     k = number of latent-shape integers, then k × uint32
+    .       1     rate kind: 0 none, 1 discrete index, 2 continuous factor; then float64 value
+                  when the kind is not 0 (variable-rate codecs such as QVRF)
     .       1     s = number of streams, then s × (uint32 length + bytes)
     end-4   4     CRC32 of everything before it
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from torch import nn
 from src.errors import LicError
 
 MAGIC = b"LIC1"
-VERSION = 1
+VERSION = 2
 FINGERPRINT_BYTES = 8
 MAX_SIDE = 1 << 16
 MAX_STREAMS = 64
@@ -42,6 +45,34 @@ class BitstreamError(LicError):
     """A coded file that cannot be decoded: corrupt, truncated, foreign, or for another model."""
 
 
+@dataclass(frozen=True)
+class Rate:
+    """The rate setting a variable-rate codec coded at: a discrete index or a continuous factor."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in RATE_KINDS:
+            raise ValueError(f"rate kind must be one of {RATE_KINDS}, got {self.kind!r}")
+        if not math.isfinite(self.value):
+            raise ValueError(f"rate value must be finite, got {self.value}")
+
+    @classmethod
+    def index(cls, i: int) -> Rate:
+        return cls("index", float(int(i)))
+
+    @classmethod
+    def factor(cls, f: float) -> Rate:
+        return cls("factor", float(f))
+
+    def __str__(self) -> str:
+        return f"index {int(self.value)}" if self.kind == "index" else f"factor {self.value:g}"
+
+
+RATE_KINDS = ("index", "factor")
+
+
 @dataclass
 class Container:
     """The decoded header and streams of one file."""
@@ -51,6 +82,7 @@ class Container:
     image_size: tuple[int, int]
     latent_shape: tuple[int, ...]
     streams: list[bytes]
+    rate: Rate | None = None
 
 
 def fingerprint(module: nn.Module, config: dict) -> bytes:
@@ -77,6 +109,11 @@ def pack(container: Container) -> bytes:
     parts = [MAGIC, struct.pack("<BB", VERSION, len(name)), name, container.fingerprint]
     parts.append(struct.pack("<IIB", h, w, len(container.latent_shape)))
     parts.append(struct.pack(f"<{len(container.latent_shape)}I", *container.latent_shape))
+    if container.rate is None:
+        parts.append(struct.pack("<B", 0))
+    else:
+        kind = RATE_KINDS.index(container.rate.kind) + 1
+        parts.append(struct.pack("<Bd", kind, container.rate.value))
     parts.append(struct.pack("<B", len(container.streams)))
     for stream in container.streams:
         parts += [struct.pack("<I", len(stream)), stream]
@@ -130,6 +167,17 @@ def unpack(data: bytes) -> Container:
     shape = reader.unpack(f"<{dims}I", "latent shape")
     if any(not 0 < s <= MAX_SIDE for s in shape):
         raise BitstreamError(f"implausible latent shape {shape}")
+    (kind,) = reader.unpack("<B", "rate kind")
+    rate = None
+    if kind:
+        if kind > len(RATE_KINDS):
+            raise BitstreamError(f"unknown rate kind {kind}")
+        (value,) = reader.unpack("<d", "rate value")
+        if not math.isfinite(value) or (
+            kind == 1 and not (0 <= value < 1 << 16 and value == int(value))
+        ):
+            raise BitstreamError(f"implausible rate value {value}")
+        rate = Rate(RATE_KINDS[kind - 1], value)
     (count,) = reader.unpack("<B", "stream count")
     if count > MAX_STREAMS:
         raise BitstreamError(f"implausible stream count {count}")
@@ -143,4 +191,4 @@ def unpack(data: bytes) -> Container:
         raise BitstreamError(
             f"corrupt file: {len(body) - reader.pos} unexpected bytes after the streams"
         )
-    return Container(name, print_, (h, w), tuple(shape), streams)
+    return Container(name, print_, (h, w), tuple(shape), streams, rate)

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from src.codecs.base import Codec
+from src.coding.container import Rate
 from src.evaluation.baselines import BaselinePoint, quality_at_rate, rate_at_quality
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
 
@@ -41,14 +42,25 @@ class ImageResult:
     matches_forward: bool
     jpeg_psnr_at_bpp: float
     jpeg_bpp_at_psnr: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, object]:
+        """The CSV row: every field, with the codec's own figures as extra columns."""
+        row = asdict(self)
+        row.update(row.pop("extra"))
+        return row
 
 
 @torch.no_grad()
-def evaluate_image(codec: Codec, x: Tensor, name: str, jpeg: list[BaselinePoint]) -> ImageResult:
-    """Code one (1, 3, H, W) image and measure it against its JPEG curve at the same rate."""
+def evaluate_image(
+    codec: Codec, x: Tensor, name: str, jpeg: list[BaselinePoint], rate: Rate | None = None
+) -> ImageResult:
+    """Code one (1, 3, H, W) image (at `rate` for a variable-rate codec) and measure it against
+    its JPEG curve at the same rate."""
     h, w = x.shape[-2:]
     start = time.perf_counter()
-    data = codec.compress_to_bytes(x)
+    encoded = codec.compress(x, rate)
+    data = codec.pack(encoded)
     encoding_time = time.perf_counter() - start
     start = time.perf_counter()
     x_hat = quantize_8bit(codec.decompress_bytes(data))
@@ -70,6 +82,7 @@ def evaluate_image(codec: Codec, x: Tensor, name: str, jpeg: list[BaselinePoint]
         matches_forward=matches,
         jpeg_psnr_at_bpp=quality_at_rate(jpeg, bpp),
         jpeg_bpp_at_psnr=rate_at_quality(jpeg, value),
+        extra=codec.coding_report(x, encoded),
     )
 
 
@@ -93,6 +106,8 @@ def summarize(results: list[ImageResult]) -> dict[str, float]:
         "rate_vs_jpeg_percent": mean([100 * (r.bpp / r.jpeg_bpp_at_psnr - 1) for r in results]),
     }
     summary["real_over_estimated"] = summary["bpp"] / summary["estimated_bpp"]
+    for key in results[0].extra:
+        summary[key] = mean([r.extra[key] for r in results])
     return summary
 
 
@@ -100,9 +115,9 @@ def write_results(results: list[ImageResult], summary: dict, name: str, out_dir:
     """Per-image CSV and a summary JSON in CompressAI's results layout (one rate point)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer = csv.DictWriter(f, fieldnames=list(results[0].row()))
         writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
+        writer.writerows(r.row() for r in results)
     payload = {
         "name": name,
         "description": "real entropy coding; means over images",

@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from src.codecs.base import Codec
 from src.codecs.loading import load_codec
+from src.coding.container import Rate
 from src.errors import CheckpointError
 from src.evaluation.baselines import pillow_codec_curve
 from src.evaluation.bd_rate import bd_rate
@@ -57,6 +59,21 @@ def expand_checkpoints(paths: list[str]) -> list[Path]:
     return found
 
 
+def rate_points(codec: Codec, rate_cfg: DictConfig | None) -> list[Rate | None]:
+    """The rate settings to evaluate a codec at: `rate.indices` (a list or "all") and
+    `rate.factors` for a variable-rate codec, its single rate otherwise."""
+    if codec.num_rates == 1:
+        return [None]
+    indices = (rate_cfg or {}).get("indices")
+    factors = (rate_cfg or {}).get("factors")
+    if indices is None and factors is None:
+        indices = "all"
+    if indices == "all":
+        indices = range(codec.num_rates)
+    points = [Rate.index(i) for i in indices or []]
+    return points + [Rate.factor(f) for f in factors or []]
+
+
 def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     """Evaluate each checkpoint on the test images of `cfg.data`; returns the summaries.
 
@@ -75,17 +92,19 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     summaries = {}
     for ckpt in expand_checkpoints(ckpts):
         codec = load_codec(ckpt, device=cfg.device)
-        name = f"{codec.name}-{ckpt.parent.parent.name}-{ckpt.stem}"
-        results = [
-            evaluate_image(codec, x.to(cfg.device), n, curve)
-            for x, n, curve in track(
-                list(zip(images, names, jpeg)), description=f"coding with {ckpt.name}"
-            )
-        ]
-        summary = summarize(results)
-        write_results(results, summary, name, out_dir)
-        summaries[str(ckpt)] = summary
-        console.print(summary_table(str(ckpt), summary))
+        for rate in rate_points(codec, cfg.get("rate")):
+            suffix = "" if rate is None else f"-{rate.kind}{rate.value:g}"
+            name = f"{codec.name}-{ckpt.parent.parent.name}-{ckpt.stem}{suffix}"
+            results = [
+                evaluate_image(codec, x.to(cfg.device), n, curve, rate)
+                for x, n, curve in track(
+                    list(zip(images, names, jpeg)), description=f"coding {name}"
+                )
+            ]
+            summary = summarize(results)
+            write_results(results, summary, name, out_dir)
+            summaries[f"{ckpt}{suffix}"] = summary
+            console.print(summary_table(f"{ckpt}{suffix}", summary))
     jpeg_curve = mean_curve(jpeg)
     ours = {key: [s[key] for s in summaries.values()] for key in ("bpp", "psnr", "ms_ssim")}
     plot = plot_rd(
