@@ -100,6 +100,7 @@ def main() -> None:
         cfg = compose(
             "train",
             overrides=[
+                "experiment=quickstart",
                 f"data.batch_size={args.batch}",
                 f"data.crop={args.crop}",
                 f"hydra.run.dir={out}",

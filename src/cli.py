@@ -12,15 +12,35 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from PIL import Image
 
+from src.codecs.base import Codec
 from src.codecs.loading import load_codec
 from src.coding.container import Rate, unpack
 from src.datamodules.images import decode_rgb
 from src.errors import LicError
 from src.evaluation.baselines import to_pil
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings as keyword arguments; values are read as YAML (numbers, bools)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LicError(f"--option takes KEY=VALUE, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _load(args: argparse.Namespace) -> Codec:
+    codec = load_codec(args.ckpt, device=args.device)
+    codec.set_coding_options(**parse_options(args.option))
+    return codec
 
 
 def _compress(args: argparse.Namespace) -> None:
@@ -31,7 +51,7 @@ def _compress(args: argparse.Namespace) -> None:
                 file=sys.stderr,
             )
     x = decode_rgb(args.input).float().div(255).unsqueeze(0)
-    codec = load_codec(args.ckpt, device=args.device)
+    codec = _load(args)
     rate = None
     if args.rate_index is not None and args.factor is not None:
         raise LicError("give --rate-index or --factor, not both")
@@ -46,7 +66,7 @@ def _compress(args: argparse.Namespace) -> None:
 
 
 def _decompress(args: argparse.Namespace) -> None:
-    codec = load_codec(args.ckpt, device=args.device)
+    codec = _load(args)
     x_hat = codec.decompress_bytes(Path(args.input).read_bytes(), levels=args.levels)
     to_pil(x_hat).save(args.output)
     print(f"{args.output}: {x_hat.shape[-1]}x{x_hat.shape[-2]}")
@@ -75,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--ckpt", required=True, help="training checkpoint of the codec")
         p.add_argument("--device", default="cpu")
+        p.add_argument(
+            "--option",
+            action="append",
+            metavar="KEY=VALUE",
+            help="a coding option of the codec, e.g. --option n_beams=20 (repeatable)",
+        )
         p.add_argument("input")
         p.add_argument("output")
         p.set_defaults(fn=fn)

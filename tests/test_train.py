@@ -32,7 +32,7 @@ def photo_batch(sample_root) -> torch.Tensor:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_preset_lowers_its_loss_on_a_repeated_batch(compose_train, photo_batch, model):
-    cfg = compose_train(f"model={model}", "lr_schedule=constant")
+    cfg = compose_train(f"model={model}", "lr_schedule=constant", "model.optimizer.lr=2e-3")
     pl.seed_everything(0)
     module = hydra.utils.instantiate(cfg.model)
     recorder = RecordLoss()

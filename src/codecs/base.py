@@ -158,6 +158,16 @@ class Codec(nn.Module):
         """The rate setting in use, written into the container header (None: a fixed rate)."""
         return None
 
+    def set_coding_options(self, **options: Any) -> None:
+        """Coding knobs that leave the model as it is (iREC's beams and candidate counts, ...).
+
+        Families with such knobs override this; by default any option is refused by name.
+        """
+        if options:
+            raise LicError(
+                f"{self.name} takes no coding options (got {', '.join(sorted(options))})"
+            )
+
     def coding_report(self, x: Tensor, encoded: Encoded) -> dict[str, float]:
         """Family-specific figures for evaluate.py's per-image CSV (KL, raw bound, ...)."""
         return {}

@@ -92,6 +92,7 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     summaries = {}
     for ckpt in expand_checkpoints(ckpts):
         codec = load_codec(ckpt, device=cfg.device)
+        codec.set_coding_options(**cfg.get("coding_options", {}))
         for rate in rate_points(codec, cfg.get("rate")):
             suffix = "" if rate is None else f"-{rate.kind}{rate.value:g}"
             name = f"{codec.name}-{ckpt.parent.parent.name}-{ckpt.stem}{suffix}"
