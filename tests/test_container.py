@@ -103,3 +103,33 @@ def test_fingerprint_follows_the_weights(codec):
         param.copy_(original)
     assert changed != before
     assert codec.fingerprint() == before
+
+
+def test_tiled_file_decodes_tile_by_tile(codec):
+    torch.manual_seed(3)
+    x = torch.rand(1, 3, 100, 150)
+    data = codec.compress_to_bytes(x, tile=64)
+    assert unpack(data).tile == 64 and len(unpack(data).streams) == 2 * 3
+    x_hat = codec.decompress_bytes(data)
+    assert x_hat.shape == x.shape
+    # Every tile equals the tile coded on its own.
+    corner = codec.decompress(codec.compress(x[..., 64:, 128:]))
+    assert torch.equal(x_hat[..., 64:, 128:], corner)
+    with pytest.raises(LicError, match="multiple of"):
+        codec.compress_to_bytes(x, tile=50)
+
+
+def test_tiled_file_with_a_missing_tile_is_refused(codec):
+    data = codec.compress_to_bytes(torch.rand(1, 3, 80, 80), tile=64)
+    container = unpack(data)
+    container.streams.pop()
+    with pytest.raises(BitstreamError, match="tiles where"):
+        unpack(pack(container))
+
+
+def test_damaged_tile_record_is_refused_before_decoding(codec):
+    container = unpack(codec.compress_to_bytes(torch.rand(1, 3, 80, 80), tile=64))
+    for bad in (b"\x09", b"\x01\x05\x00\x00\x00\x01\x00\xff\xff\xff\xff", b""):
+        container.streams[-1] = bad
+        with pytest.raises(BitstreamError):
+            codec.decompress_bytes(pack(container))

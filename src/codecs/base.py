@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.coding.container import BitstreamError, Container, Rate, fingerprint, pack, unpack
+from src.coding.container import (
+    BitstreamError,
+    Container,
+    Rate,
+    fingerprint,
+    pack,
+    pack_tile,
+    unpack,
+    unpack_tile,
+)
 from src.errors import LicError
 
 
@@ -184,9 +193,37 @@ class Codec(nn.Module):
             self._fingerprint_cache = (key, fingerprint(self, self.config()))
         return self._fingerprint_cache[1]
 
-    def compress_to_bytes(self, x: Tensor, rate: Rate | None = None) -> bytes:
-        """One image as a complete file in the framework's container format."""
-        return self.pack(self.compress(x, rate))
+    def compress_to_bytes(
+        self, x: Tensor, rate: Rate | None = None, tile: int | None = None
+    ) -> bytes:
+        """One image as a complete file in the framework's container format.
+
+        With `tile`, an image larger than `tile` × `tile` is coded tile by tile (each tile on its
+        own, so memory is bounded by the tile, not the image); `tile` must be a multiple of the
+        codec's stride. Decoding needs no flag: the tile side travels in the header.
+        """
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        h, w = x.shape[-2:]
+        if tile is None or (h <= tile and w <= tile):
+            return self.pack(self.compress(x, rate))
+        if tile <= 0 or tile % self.stride:
+            raise LicError(f"tile side must be a positive multiple of {self.stride}, got {tile}")
+        records = []
+        for top in range(0, h, tile):
+            for left in range(0, w, tile):
+                encoded = self.compress(x[..., top : top + tile, left : left + tile], rate)
+                records.append(pack_tile(encoded.latent_shape, encoded.streams))
+        container = Container(
+            codec_name=self.name,
+            fingerprint=self.fingerprint(),
+            image_size=(h, w),
+            latent_shape=(),
+            streams=records,
+            rate=self.current_rate(),
+            tile=tile,
+        )
+        return pack(container)
 
     def pack(self, encoded: Encoded) -> bytes:
         """`encoded` as a complete file, stamped with this codec's name and fingerprint."""
@@ -211,10 +248,22 @@ class Codec(nn.Module):
             raise BitstreamError(
                 f"file was written by another {self.name} model (weights or config differ)"
             )
-        encoded = Encoded(
-            container.streams, container.latent_shape, container.image_size, container.rate
-        )
-        return self.decompress(encoded, levels)
+        if not container.tile:
+            encoded = Encoded(
+                container.streams, container.latent_shape, container.image_size, container.rate
+            )
+            return self.decompress(encoded, levels)
+        h, w = container.image_size
+        t = container.tile
+        x_hat = torch.empty(1, 3, h, w, device=next(self.parameters()).device)
+        records = iter(container.streams)
+        for top in range(0, h, t):
+            for left in range(0, w, t):
+                shape, streams = unpack_tile(next(records))
+                size = (min(t, h - top), min(t, w - left))
+                tile_hat = self.decompress(Encoded(streams, shape, size, container.rate), levels)
+                x_hat[..., top : top + size[0], left : left + size[1]] = tile_hat
+        return x_hat
 
     def prepare_for_coding(self) -> None:
         """Freeze whatever real coding needs (CDF tables, code frequencies). Idempotent."""

@@ -9,8 +9,13 @@
     .       1     k = number of latent-shape integers, then k × uint32
     .       1     rate kind: 0 none, 1 discrete index, 2 continuous factor; then float64 value
                   when the kind is not 0 (variable-rate codecs such as QVRF)
-    .       1     s = number of streams, then s × (uint32 length + bytes)
+    .       4     tile side in pixels (uint32; 0: the image was coded whole)
+    .       2     s = number of streams (uint16), then s × (uint32 length + bytes)
     end-4   4     CRC32 of everything before it
+
+A tiled file (tile side t > 0) has an empty latent shape and one stream per t × t tile in raster
+order; each such stream is a tile record: its latent shape and streams in the same encoding
+(uint8 k, k × uint32, uint16 s, s × (uint32 length + bytes)).
 
 Little-endian throughout. `unpack` checks the CRC before anything else, then every length
 against the bytes that remain and every size against fixed bounds, so a truncated, flipped or
@@ -36,7 +41,7 @@ MAGIC = b"LIC1"
 VERSION = 2
 FINGERPRINT_BYTES = 8
 MAX_SIDE = 1 << 16
-MAX_STREAMS = 64
+MAX_STREAMS = 4096
 MAX_SHAPE_DIMS = 8
 MAX_STREAM_BYTES = 1 << 30
 
@@ -83,6 +88,14 @@ class Container:
     latent_shape: tuple[int, ...]
     streams: list[bytes]
     rate: Rate | None = None
+    tile: int = 0
+
+    def tile_grid(self) -> tuple[int, int]:
+        """Rows and columns of tiles (1 × 1 for an image coded whole)."""
+        if not self.tile:
+            return 1, 1
+        h, w = self.image_size
+        return -(-h // self.tile), -(-w // self.tile)
 
 
 def fingerprint(module: nn.Module, config: dict) -> bytes:
@@ -92,6 +105,20 @@ def fingerprint(module: nn.Module, config: dict) -> bytes:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.digest()[:FINGERPRINT_BYTES]
+
+
+def _shape_and_streams(shape: tuple[int, ...], streams: list[bytes]) -> list[bytes]:
+    if len(shape) > MAX_SHAPE_DIMS or len(streams) > MAX_STREAMS:
+        raise ValueError("too many latent-shape integers or streams")
+    parts = [struct.pack(f"<B{len(shape)}I", len(shape), *shape), struct.pack("<H", len(streams))]
+    for stream in streams:
+        parts += [struct.pack("<I", len(stream)), stream]
+    return parts
+
+
+def pack_tile(latent_shape: tuple[int, ...], streams: list[bytes]) -> bytes:
+    """One tile's latent shape and streams as a single stream of a tiled file."""
+    return b"".join(_shape_and_streams(latent_shape, streams))
 
 
 def pack(container: Container) -> bytes:
@@ -104,19 +131,14 @@ def pack(container: Container) -> bytes:
         raise ValueError(f"image size {h}x{w} is outside 1..{MAX_SIDE}")
     if len(container.fingerprint) != FINGERPRINT_BYTES:
         raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
-    if len(container.latent_shape) > MAX_SHAPE_DIMS or len(container.streams) > MAX_STREAMS:
-        raise ValueError("too many latent-shape integers or streams")
     parts = [MAGIC, struct.pack("<BB", VERSION, len(name)), name, container.fingerprint]
-    parts.append(struct.pack("<IIB", h, w, len(container.latent_shape)))
-    parts.append(struct.pack(f"<{len(container.latent_shape)}I", *container.latent_shape))
-    if container.rate is None:
-        parts.append(struct.pack("<B", 0))
-    else:
-        kind = RATE_KINDS.index(container.rate.kind) + 1
-        parts.append(struct.pack("<Bd", kind, container.rate.value))
-    parts.append(struct.pack("<B", len(container.streams)))
-    for stream in container.streams:
-        parts += [struct.pack("<I", len(stream)), stream]
+    parts.append(struct.pack("<II", h, w))
+    rate = b"\x00"
+    if container.rate is not None:
+        rate = struct.pack("<Bd", RATE_KINDS.index(container.rate.kind) + 1, container.rate.value)
+    shape = _shape_and_streams(container.latent_shape, [])[0]
+    parts += [shape, rate, struct.pack("<I", container.tile)]
+    parts += _shape_and_streams((), container.streams)[1:]
     body = b"".join(parts)
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -140,6 +162,59 @@ class _Reader:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
 
 
+def _read_shape(reader: _Reader) -> tuple[int, ...]:
+    (dims,) = reader.unpack("<B", "latent-shape length")
+    if dims > MAX_SHAPE_DIMS:
+        raise BitstreamError(f"implausible latent shape with {dims} dimensions")
+    shape = reader.unpack(f"<{dims}I", "latent shape")
+    if any(not 0 < s <= MAX_SIDE for s in shape):
+        raise BitstreamError(f"implausible latent shape {shape}")
+    return tuple(shape)
+
+
+def _read_streams(reader: _Reader) -> list[bytes]:
+    (count,) = reader.unpack("<H", "stream count")
+    if count > MAX_STREAMS:
+        raise BitstreamError(f"implausible stream count {count}")
+    streams = []
+    for i in range(count):
+        (length,) = reader.unpack("<I", f"length of stream {i}")
+        if length > MAX_STREAM_BYTES:
+            raise BitstreamError(f"implausible length {length} of stream {i}")
+        streams.append(reader.take(length, f"stream {i}"))
+    return streams
+
+
+def _read_rate(reader: _Reader) -> Rate | None:
+    (kind,) = reader.unpack("<B", "rate kind")
+    if not kind:
+        return None
+    if kind > len(RATE_KINDS):
+        raise BitstreamError(f"unknown rate kind {kind}")
+    (value,) = reader.unpack("<d", "rate value")
+    if not math.isfinite(value) or (
+        kind == 1 and not (0 <= value < 1 << 16 and value == int(value))
+    ):
+        raise BitstreamError(f"implausible rate value {value}")
+    return Rate(RATE_KINDS[kind - 1], value)
+
+
+def _expect_end(reader: _Reader, what: str) -> None:
+    if reader.pos != len(reader.data):
+        raise BitstreamError(
+            f"corrupt file: {len(reader.data) - reader.pos} unexpected bytes after the {what}"
+        )
+
+
+def unpack_tile(record: bytes) -> tuple[tuple[int, ...], list[bytes]]:
+    """The latent shape and streams of one tile record of a tiled file."""
+    reader = _Reader(record)
+    shape = _read_shape(reader)
+    streams = _read_streams(reader)
+    _expect_end(reader, "tile's streams")
+    return shape, streams
+
+
 def unpack(data: bytes) -> Container:
     """Parse and validate a file written by `pack`; raises `BitstreamError` on anything wrong."""
     if len(data) < len(MAGIC) + 4 or data[: len(MAGIC)] != MAGIC:
@@ -159,36 +234,21 @@ def unpack(data: bytes) -> Container:
     except UnicodeDecodeError as err:
         raise BitstreamError("corrupt file: codec name is not UTF-8") from err
     print_ = reader.take(FINGERPRINT_BYTES, "fingerprint")
-    h, w, dims = reader.unpack("<IIB", "image size")
+    h, w = reader.unpack("<II", "image size")
     if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE):
         raise BitstreamError(f"implausible image size {h}x{w}")
-    if dims > MAX_SHAPE_DIMS:
-        raise BitstreamError(f"implausible latent shape with {dims} dimensions")
-    shape = reader.unpack(f"<{dims}I", "latent shape")
-    if any(not 0 < s <= MAX_SIDE for s in shape):
-        raise BitstreamError(f"implausible latent shape {shape}")
-    (kind,) = reader.unpack("<B", "rate kind")
-    rate = None
-    if kind:
-        if kind > len(RATE_KINDS):
-            raise BitstreamError(f"unknown rate kind {kind}")
-        (value,) = reader.unpack("<d", "rate value")
-        if not math.isfinite(value) or (
-            kind == 1 and not (0 <= value < 1 << 16 and value == int(value))
-        ):
-            raise BitstreamError(f"implausible rate value {value}")
-        rate = Rate(RATE_KINDS[kind - 1], value)
-    (count,) = reader.unpack("<B", "stream count")
-    if count > MAX_STREAMS:
-        raise BitstreamError(f"implausible stream count {count}")
-    streams = []
-    for i in range(count):
-        (length,) = reader.unpack("<I", f"length of stream {i}")
-        if length > MAX_STREAM_BYTES:
-            raise BitstreamError(f"implausible length {length} of stream {i}")
-        streams.append(reader.take(length, f"stream {i}"))
-    if reader.pos != len(body):
+    shape = _read_shape(reader)
+    rate = _read_rate(reader)
+    (tile,) = reader.unpack("<I", "tile side")
+    if tile > MAX_SIDE:
+        raise BitstreamError(f"implausible tile side {tile}")
+    streams = _read_streams(reader)
+    _expect_end(reader, "streams")
+    container = Container(name, print_, (h, w), shape, streams, rate, tile)
+    rows, cols = container.tile_grid()
+    if tile and len(streams) != rows * cols:
         raise BitstreamError(
-            f"corrupt file: {len(body) - reader.pos} unexpected bytes after the streams"
+            f"corrupt file: {len(streams)} tiles where a {w}x{h} image in {tile}-pixel tiles "
+            f"has {rows * cols}"
         )
-    return Container(name, print_, (h, w), tuple(shape), streams, rate)
+    return container
