@@ -1,10 +1,12 @@
 """Compress and decompress image files with a trained codec, and inspect coded files.
 
-    python -m src.cli compress   --ckpt RUN/checkpoints/best.ckpt in.png out.lic
+    python -m src.cli compress   --ckpt RUN/checkpoints/best.ckpt in.png out.lic [--tile 1024]
     python -m src.cli decompress --ckpt RUN/checkpoints/best.ckpt out.lic rec.png
+    python -m src.cli export RUN/checkpoints/best.ckpt model.codec
+    python -m src.cli compress   --ckpt model.codec in.png out.lic
     python -m src.cli inspect out.lic
 
-The same as the console script `lic compress|decompress|inspect ...`.
+The same as the console script `lic compress|decompress|export|inspect ...`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ import torch
 import yaml
 from PIL import Image
 
+from src.api import Rate, compress_file, decompress_file, export_codec, load_codec
 from src.codecs.base import Codec
-from src.codecs.loading import load_codec
-from src.coding.container import Rate, unpack
-from src.datamodules.images import decode_rgb
+from src.coding.container import unpack
 from src.errors import LicError
-from src.evaluation.baselines import to_pil
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -50,7 +50,6 @@ def _compress(args: argparse.Namespace) -> None:
                 f"note: {args.input} is {img.mode}; coded as RGB (alpha composited on white)",
                 file=sys.stderr,
             )
-    x = decode_rgb(args.input).float().div(255).unsqueeze(0)
     codec = _load(args)
     rate = None
     if args.rate_index is not None and args.factor is not None:
@@ -59,17 +58,22 @@ def _compress(args: argparse.Namespace) -> None:
         rate = Rate.index(args.rate_index)
     elif args.factor is not None:
         rate = Rate.factor(args.factor)
-    data = codec.compress_to_bytes(x.to(args.device), rate)
-    Path(args.output).write_bytes(data)
-    h, w = x.shape[-2:]
+    data = compress_file(codec, args.input, args.output, rate, args.tile)
+    h, w = unpack(data).image_size
     print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
 
 
 def _decompress(args: argparse.Namespace) -> None:
     codec = _load(args)
-    x_hat = codec.decompress_bytes(Path(args.input).read_bytes(), levels=args.levels)
-    to_pil(x_hat).save(args.output)
-    print(f"{args.output}: {x_hat.shape[-1]}x{x_hat.shape[-2]}")
+    w, h = decompress_file(codec, args.input, args.output, args.levels)
+    print(f"{args.output}: {w}x{h}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    codec = load_codec(args.ckpt)
+    path = export_codec(codec, args.output)
+    size = path.stat().st_size
+    print(f"{path}: {codec.name}, {size / 1e6:.2f} MB, fingerprint {codec.fingerprint().hex()}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -80,6 +84,9 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"fingerprint:  {c.fingerprint.hex()}")
     print(f"image:        {w}x{h}")
     print(f"latent shape: {c.latent_shape}")
+    if c.tile:
+        rows, cols = c.tile_grid()
+        print(f"tiles:        {rows}x{cols} of {c.tile} px")
     print(f"rate:         {c.rate if c.rate is not None else 'fixed'}")
     print(f"streams:      {', '.join(str(len(s)) for s in c.streams)} bytes")
     print(f"file:         {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp")
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("decompress", _decompress, "coded file -> PNG"),
     ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--ckpt", required=True, help="training checkpoint of the codec")
+        p.add_argument("--ckpt", required=True, help="training checkpoint or exported .codec file")
         p.add_argument("--device", default="cpu")
         p.add_argument(
             "--option",
@@ -107,8 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compress":
             p.add_argument("--rate-index", type=int, help="variable-rate codecs: a trained rate")
             p.add_argument("--factor", type=float, help="variable-rate codecs: a continuous rate")
+            p.add_argument(
+                "--tile", type=int, help="code images larger than TILE x TILE tile by tile"
+            )
         else:
             p.add_argument("--levels", type=int, help="progressive codecs: decode k latent groups")
+    p = sub.add_parser("export", help="checkpoint -> self-contained inference file")
+    p.add_argument("ckpt", help="training checkpoint of the codec")
+    p.add_argument("output", help="the .codec file to write (safetensors + JSON, no pickle)")
+    p.set_defaults(fn=_export)
     p = sub.add_parser("inspect", help="print a coded file's header")
     p.add_argument("input")
     p.set_defaults(fn=_inspect)

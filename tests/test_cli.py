@@ -72,3 +72,60 @@ def test_damaged_file_gives_a_clear_error(checkpoint, tmp_path, capsys):
         == 2
     )
     assert "CRC32" in capsys.readouterr().err
+
+
+def test_exported_codec_codes_like_its_checkpoint(checkpoint, tmp_path, capsys):
+    exported = tmp_path / "model.codec"
+    assert main(["export", str(checkpoint), str(exported)]) == 0
+    assert exported.read_bytes()[8:9] == b"{"  # safetensors: JSON header, no pickle
+    img = torch.rand(45, 61, 3).mul(255).byte().numpy()
+    Image.fromarray(img).save(tmp_path / "in.png")
+    files = {}
+    for name, model in (("ckpt", checkpoint), ("export", exported)):
+        out = tmp_path / f"{name}.lic"
+        assert main(["compress", "--ckpt", str(model), str(tmp_path / "in.png"), str(out)]) == 0
+        files[name] = out
+    assert files["ckpt"].read_bytes() == files["export"].read_bytes()
+    # A file written with the checkpoint decodes with the exported codec.
+    assert (
+        main(["decompress", "--ckpt", str(exported), str(files["ckpt"]), str(tmp_path / "r.png")])
+        == 0
+    )
+
+
+def test_damaged_export_is_refused(checkpoint, tmp_path, capsys):
+    exported = tmp_path / "model.codec"
+    main(["export", str(checkpoint), str(exported)])
+    data = bytearray(exported.read_bytes())
+    data[-100] ^= 0xFF  # inside the weights
+    (tmp_path / "bad.codec").write_bytes(bytes(data))
+    Image.fromarray(torch.zeros(16, 16, 3).byte().numpy()).save(tmp_path / "in.png")
+    bad = ["--ckpt", str(tmp_path / "bad.codec"), str(tmp_path / "in.png"), str(tmp_path / "x")]
+    assert main(["compress", *bad]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+
+
+def test_tiled_compress_from_the_cli(checkpoint, tmp_path, capsys):
+    img = torch.rand(70, 90, 3).mul(255).byte().numpy()
+    Image.fromarray(img).save(tmp_path / "in.png")
+    args = ["--ckpt", str(checkpoint)]
+    assert (
+        main(["compress", *args, "--tile", "64", str(tmp_path / "in.png"), str(tmp_path / "t.lic")])
+        == 0
+    )
+    assert main(["inspect", str(tmp_path / "t.lic")]) == 0
+    assert "2x2 of 64 px" in capsys.readouterr().out
+    assert main(["decompress", *args, str(tmp_path / "t.lic"), str(tmp_path / "r.png")]) == 0
+    assert Image.open(tmp_path / "r.png").size == (90, 70)
+
+
+def test_python_api_codes_files_and_tensors(checkpoint, tmp_path):
+    from src.api import compress_file, decompress_file, export_codec, load_codec
+
+    codec = load_codec(export_codec(load_codec(checkpoint), tmp_path / "m.codec"))
+    Image.fromarray(torch.rand(33, 47, 3).mul(255).byte().numpy()).save(tmp_path / "in.png")
+    data = compress_file(codec, tmp_path / "in.png", tmp_path / "out.lic")
+    assert decompress_file(codec, tmp_path / "out.lic", tmp_path / "rec.png") == (47, 33)
+    x = torch.rand(1, 3, 33, 47)
+    assert codec.decompress_bytes(codec.compress_to_bytes(x)).shape == x.shape
+    assert len(data) == (tmp_path / "out.lic").stat().st_size

@@ -1,4 +1,5 @@
-"""Rebuild a coding-ready codec from a training checkpoint, without the recipe around it."""
+"""Rebuild a coding-ready codec from a training checkpoint or an exported file, without the recipe
+around it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import hydra
 
 from src.codecs.base import Codec
+from src.codecs.export import is_exported, load_exported
 from src.errors import CheckpointError
 from src.utils.checkpoints import read_checkpoint
 
@@ -14,7 +16,11 @@ CODEC_PREFIX = "codec."
 
 
 def load_codec(path: str | Path, device: str = "cpu") -> Codec:
-    """The codec stored in a checkpoint, in eval mode, prepared for entropy coding."""
+    """The codec stored in a checkpoint or an exported file, in eval mode, ready to code."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if is_exported(path):
+        return load_exported(path, device)
     checkpoint = read_checkpoint(path)
     config = checkpoint.get("codec_config")
     if not config:
