@@ -55,6 +55,12 @@ def test_default_run_writes_best_and_last_coding_ready_checkpoints(compose_train
     cfg = compose_train()
     metrics = train(cfg)
     assert "val/psnr" in metrics and "val/bpp" in metrics
+    # The real-bitrate monitor coded a 64x64 validation crop for real: the file (its header
+    # alone is over 300 bits) beside the estimate of a barely trained model.
+    assert metrics["val/real_bpp"] > 300 / 64**2
+    assert metrics["val/real_over_estimated"] == pytest.approx(
+        metrics["val/real_bpp"] / metrics["val/estimated_bpp"]
+    )
     ckpt_dir = tmp_path / "run" / "checkpoints"
     assert (ckpt_dir / "best.ckpt").is_file() and (ckpt_dir / "last.ckpt").is_file()
     last = read_checkpoint(ckpt_dir / "last.ckpt")
