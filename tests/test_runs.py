@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,20 @@ def _ok(proc) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_lambda_sweep_gives_one_directory_and_logger_run_per_lambda(tmp_path, sample_root):
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, sample_root) -> Path:
+    """A two-point λ sweep, run once: its log directory."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
     proc = run_script(
         "train.py",
         ["-m", "model.lmbda=0.0018,0.025", *tiny_args(tmp_path, sample_root), "logger=tensorboard"],
     )
     _ok(proc)
-    runs = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*_lmbda*"))
+    return tmp_path / "logs"
+
+
+def test_lambda_sweep_gives_one_directory_and_logger_run_per_lambda(sweep):
+    runs = sorted((sweep / "train" / "multiruns").glob("*/*_lmbda*"))
     assert [r.name.split("_lmbda")[1] for r in runs] == ["0.0018", "0.025"]
     for run in runs:
         assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -162,19 +171,35 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert "bmshj2018-hyperprior" in proc.stdout and "lmbda" in proc.stdout
 
 
-def test_evaluate_codes_the_validation_photos(tmp_path, sample_root):
-    _ok(run_script("train.py", tiny_args(tmp_path, sample_root)))
-    ckpt = next((tmp_path / "logs").rglob("best.ckpt"))
-    proc = run_script(
-        "evaluate.py",
-        [f"ckpt={ckpt}", f"data.root={sample_root}", f"paths.log_dir={tmp_path}/logs"],
-    )
+def test_evaluate_draws_the_sweep_curve_against_classical_codecs(tmp_path, sweep, sample_root):
+    args = [
+        f"ckpt={sweep / 'train' / 'multiruns'}",
+        f"data.root={sample_root}",
+        f"paths.log_dir={tmp_path}/logs",
+        f"baseline_cache={tmp_path}/cache",
+        "baselines=[jpeg,webp,avif,jxl]",
+        "baseline_qualities=[2,30,90]",
+        "anchor=webp",
+        "threads=1",
+    ]
+    proc = run_script("evaluate.py", args, timeout=600)
     _ok(proc)
-    summaries = list((tmp_path / "logs" / "evaluate").rglob("*.json"))
-    assert summaries
-    text = Path(summaries[0]).read_text()
-    assert '"psnr-rgb"' in text and '"delta_psnr_vs_jpeg_db"' in text
-    assert (summaries[0].parent / "rd.png").stat().st_size > 1000
+    out = next((tmp_path / "logs" / "evaluate").rglob("rd.png")).parent
+    assert out.joinpath("rd.png").stat().st_size > 1000
+    curve = json.loads(out.joinpath("curve-bmshj2018-hyperprior.json").read_text())
+    assert len(curve["results"]["bpp"]) == 2 and len(curve["results"]["psnr-rgb"]) == 2
+    point = json.loads(next(out.glob("bmshj2018-hyperprior-*.json")).read_text())
+    assert '"delta_psnr_vs_jpeg_db"' in json.dumps(point)
+    for name in ("jpeg", "webp", "avif"):
+        baseline = json.loads(out.joinpath(f"{name}.json").read_text())
+        assert len(baseline["results"]["bpp"]) == 3 and len(baseline["images"]) == 3
+    assert list((tmp_path / "cache").glob("*/webp.json"))
+    rows = {r["curve"]: r for r in json.loads(out.joinpath("bd_rate.json").read_text())}
+    assert rows["jpeg"]["anchor"] == "webp"  # every curve against the anchor, classical ones too
+    assert {"psnr", "ms_ssim"} <= set(rows["jpeg"]) and rows["jpeg"]["psnr"]["value"] > 0
+    assert "BD-rate against webp" in proc.stdout
+    if not shutil.which("cjxl"):
+        assert "baseline jxl skipped" in proc.stdout
 
 
 def test_wandb_offline_run_logs_config_and_images(tmp_path, sample_root, monkeypatch):

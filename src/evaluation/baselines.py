@@ -1,15 +1,30 @@
-"""Classical codecs through Pillow, on the same images and metrics as the learned ones."""
+"""Classical codecs (JPEG, WebP, AVIF, JPEG XL) on the same images and metrics as the learned ones.
+
+Pillow codes JPEG, WebP and AVIF (Pillow 11.3+ wheels ship AVIF; else avifenc/avifdec when
+installed); JPEG XL needs cjxl/djxl on PATH. Each runs over a quality ladder; the curves of a test
+set are cached per dataset, so a sweep of evaluations codes them once.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
-from dataclasses import dataclass
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
+from rich.progress import track
 from torch import Tensor
 
+from src.errors import ConfigError
 from src.evaluation.metrics import ms_ssim, psnr
 
 DEFAULT_QUALITIES = (1, 2, 3, 5, 8, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 95)
@@ -37,27 +52,152 @@ def from_pil(img: Image.Image) -> Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
 
 
-def pillow_codec_curve(
-    x: Tensor, fmt: str = "JPEG", qualities: tuple[int, ...] = DEFAULT_QUALITIES
-) -> list[BaselinePoint]:
-    """Code `x` with Pillow's `fmt` (JPEG with 4:2:0, or WEBP) at each quality."""
-    img = to_pil(x)
-    h, w = img.height, img.width
-    points = []
-    for q in qualities:
-        buf = io.BytesIO()
-        img.save(buf, format=fmt, quality=int(q))
-        data = buf.getvalue()
-        x_hat = from_pil(Image.open(io.BytesIO(data)))
-        points.append(
-            BaselinePoint(
-                quality=int(q),
-                bpp=8 * len(data) / (h * w),
-                psnr=float(psnr(x, x_hat)),
-                ms_ssim=float(ms_ssim(x, x_hat)),
+@dataclass(frozen=True)
+class ClassicalCodec:
+    """A classical image codec over a quality ladder: Pillow's plug-ins or a command-line pair."""
+
+    name: str
+    qualities: tuple[int, ...] = DEFAULT_QUALITIES
+    pillow_format: str | None = None
+    commands: tuple[str, str] | None = None
+    suffix: str = ""
+
+    def available(self) -> bool:
+        """Whether this machine can run it (Pillow built with the format, or the tools on PATH)."""
+        if self.pillow_format is not None:
+            return self.pillow_format.upper() in Image.registered_extensions().values() and (
+                self.pillow_format.upper() in Image.SAVE
             )
-        )
-    return points
+        return all(shutil.which(c) for c in self.commands or ())
+
+    def description(self) -> str:
+        """What produced the numbers (goes into the JSON and the cache key)."""
+        if self.pillow_format is not None:
+            return f"Pillow {PIL.__version__} {self.pillow_format}"
+        return " + ".join(self.commands or ())
+
+    def code(self, img: Image.Image, quality: int) -> tuple[int, Image.Image]:
+        """The coded size in bytes and the decoded image at `quality`."""
+        if self.pillow_format is not None:
+            buf = io.BytesIO()
+            img.save(buf, format=self.pillow_format, quality=int(quality))
+            data = buf.getvalue()
+            return len(data), Image.open(io.BytesIO(data)).convert("RGB")
+        encoder, decoder = self.commands
+        with tempfile.TemporaryDirectory() as tmp:
+            src, coded, out = Path(tmp, "in.png"), Path(tmp, "x" + self.suffix), Path(tmp, "o.png")
+            img.save(src)
+            for cmd in (
+                [encoder, str(src), str(coded), "-q", str(quality)],
+                [decoder, str(coded), str(out)],
+            ):
+                subprocess.run(cmd, check=True, capture_output=True)
+            return coded.stat().st_size, Image.open(out).convert("RGB")
+
+    def curve(self, x: Tensor) -> list[BaselinePoint]:
+        """Code `x` (1, 3, H, W) at every quality of the ladder."""
+        img = to_pil(x)
+        points = []
+        for q in self.qualities:
+            size, decoded = self.code(img, q)
+            x_hat = from_pil(decoded)
+            points.append(
+                BaselinePoint(
+                    quality=int(q),
+                    bpp=8 * size / (img.height * img.width),
+                    psnr=float(psnr(x, x_hat)),
+                    ms_ssim=float(ms_ssim(x, x_hat)),
+                )
+            )
+        return points
+
+
+# JPEG is Pillow's libjpeg with its default 4:2:0 subsampling; AVIF falls back to avifenc/avifdec.
+CLASSICAL_CODECS = {
+    "jpeg": [ClassicalCodec("jpeg", pillow_format="JPEG")],
+    "webp": [ClassicalCodec("webp", pillow_format="WEBP")],
+    "avif": [
+        ClassicalCodec("avif", pillow_format="AVIF"),
+        ClassicalCodec("avif", commands=("avifenc", "avifdec"), suffix=".avif"),
+    ],
+    "jxl": [ClassicalCodec("jxl", commands=("cjxl", "djxl"), suffix=".jxl")],
+}
+
+
+def classical_codec(name: str, qualities: Sequence[int] | None = None) -> ClassicalCodec | None:
+    """The first available implementation of a classical codec (over `qualities` if given, else
+    the default ladder), or None on this machine."""
+    if name not in CLASSICAL_CODECS:
+        raise ConfigError(f"unknown baseline {name!r}; choose from {', '.join(CLASSICAL_CODECS)}")
+    codec = next((c for c in CLASSICAL_CODECS[name] if c.available()), None)
+    if codec is None or qualities is None:
+        return codec
+    return replace(codec, qualities=tuple(int(q) for q in qualities))
+
+
+def dataset_key(images: list[Tensor], names: list[str]) -> str:
+    """A short hash of a test set's names and 8-bit pixels: the baseline cache's key."""
+    digest = hashlib.sha256()
+    for x, name in zip(images, names):
+        digest.update(name.encode())
+        digest.update(str(tuple(x.shape)).encode())
+        digest.update(x.mul(255).round().byte().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def baseline_curves(
+    codec: ClassicalCodec,
+    images: list[Tensor],
+    names: list[str],
+    cache_dir: str | Path | None,
+) -> dict:
+    """Per-image curves of a classical codec on a test set, read from or written to the cache.
+
+    Returns CompressAI's results layout (name, description, results: mean bpp / psnr-rgb /
+    ms-ssim-rgb per quality) plus `images`: each image's own curve, which the per-image
+    comparisons need. Cached as `<cache_dir>/<dataset key>/<codec>.json`.
+    """
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / dataset_key(images, names) / f"{codec.name}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            same_ladder = cached["results"].get("quality") == list(codec.qualities)
+            if cached.get("source") == codec.description() and same_ladder:
+                return cached
+    per_image = {}
+    for x, name in track(
+        list(zip(images, names)), description=f"{codec.name} ladder", transient=True
+    ):
+        per_image[name] = [asdict(p) for p in codec.curve(x)]
+    mean = {
+        key: [
+            float(np.mean([curve[i][key] for curve in per_image.values()]))
+            for i in range(len(codec.qualities))
+        ]
+        for key in ("bpp", "psnr", "ms_ssim")
+    }
+    payload = {
+        "name": codec.name,
+        "description": f"{codec.description()}; means over {len(names)} images",
+        "source": codec.description(),
+        "results": {
+            "quality": list(codec.qualities),
+            "bpp": mean["bpp"],
+            "psnr-rgb": mean["psnr"],
+            "ms-ssim-rgb": mean["ms_ssim"],
+        },
+        "images": per_image,
+    }
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=1))
+    return payload
+
+
+def image_curve(payload: dict, name: str) -> list[BaselinePoint]:
+    """One image's curve out of `baseline_curves`' result."""
+    return [BaselinePoint(**p) for p in payload["images"][name]]
 
 
 def quality_at_rate(curve: list[BaselinePoint], bpp: float, metric: str = "psnr") -> float:
