@@ -324,7 +324,10 @@ class Hific(RateDistortion):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.discriminator is None or k <= 0 or datamodule is None:
             return
-        x = next(iter(datamodule.val_dataloader()))[:k].to(self.device)
+        batch = next(iter(datamodule.val_dataloader()), None)
+        if batch is None:
+            return
+        x = batch[:k].to(self.device)
         was_training = self.codec.training
         self.codec.eval()
         with torch.no_grad():
