@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,10 +54,15 @@ class ImageResult:
 
 @torch.no_grad()
 def evaluate_image(
-    codec: Codec, x: Tensor, name: str, jpeg: list[BaselinePoint], rate: Rate | None = None
+    codec: Codec,
+    x: Tensor,
+    name: str,
+    jpeg: list[BaselinePoint],
+    rate: Rate | None = None,
+    perceptual: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
 ) -> ImageResult:
     """Code one (1, 3, H, W) image (at `rate` for a variable-rate codec) and measure it against
-    its JPEG curve at the same rate."""
+    its JPEG curve at the same rate; `perceptual(x, x_hat)` adds figures such as LPIPS."""
     h, w = x.shape[-2:]
     start = time.perf_counter()
     encoded = codec.compress(x, rate)
@@ -71,6 +77,9 @@ def evaluate_image(
     value = float(psnr(x, x_hat))
     # The decoder must rebuild exactly what the model's own quantised forward pass shows.
     matches = bool((quantize_8bit(estimate.x_hat) - x_hat).abs().max() <= 1.5 / 255)
+    extra = codec.coding_report(x, encoded)
+    if perceptual is not None:
+        extra.update(perceptual(x, x_hat))
     return ImageResult(
         image=name,
         bpp=bpp,
@@ -82,7 +91,7 @@ def evaluate_image(
         matches_forward=matches,
         jpeg_psnr_at_bpp=quality_at_rate(jpeg, bpp),
         jpeg_bpp_at_psnr=rate_at_quality(jpeg, value),
-        extra=codec.coding_report(x, encoded),
+        extra=extra,
     )
 
 

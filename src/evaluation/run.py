@@ -20,6 +20,7 @@ from src.errors import CheckpointError
 from src.evaluation.baselines import pillow_codec_curve
 from src.evaluation.bd_rate import bd_rate
 from src.evaluation.evaluate import evaluate_image, mean_curve, summarize, write_results
+from src.evaluation.perceptual import PerceptualMetrics
 from src.evaluation.plot import plot_rd
 
 SHOWN = (
@@ -34,12 +35,13 @@ SHOWN = (
     "decoding_time",
     "all_match_forward",
 )
+PERCEPTUAL = ("lpips", "fid", "kid")
 
 
 def summary_table(title: str, summary: dict) -> Table:
     """The headline figures of one checkpoint, one per row."""
     table = Table(title=f"{title}  ({summary['images']} images)", show_header=False)
-    for key in SHOWN:
+    for key in SHOWN + tuple(k for k in PERCEPTUAL if k in summary):
         value = summary[key]
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     return table
@@ -81,6 +83,8 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     """
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    # Built first: missing weight files stop the run before any coding.
+    perceptual = PerceptualMetrics.from_config(cfg.get("perceptual"), device=cfg.device)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -96,13 +100,19 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
         for rate in rate_points(codec, cfg.get("rate")):
             suffix = "" if rate is None else f"-{rate.kind}{rate.value:g}"
             name = f"{codec.name}-{ckpt.parent.parent.name}-{ckpt.stem}{suffix}"
+            if perceptual is not None:
+                perceptual.reset()
             results = [
-                evaluate_image(codec, x.to(cfg.device), n, curve, rate)
+                evaluate_image(
+                    codec, x.to(cfg.device), n, curve, rate, perceptual and perceptual.image
+                )
                 for x, n, curve in track(
                     list(zip(images, names, jpeg)), description=f"coding {name}"
                 )
             ]
             summary = summarize(results)
+            if perceptual is not None:
+                summary.update(perceptual.dataset())
             write_results(results, summary, name, out_dir)
             summaries[f"{ckpt}{suffix}"] = summary
             console.print(summary_table(f"{ckpt}{suffix}", summary))
