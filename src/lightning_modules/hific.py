@@ -314,7 +314,7 @@ class Hific(RateDistortion):
         return terms["loss"].detach()
 
     # ---- validation ----------------------------------------------------------------------------
-    def on_train_start(self) -> None:
+    def on_fit_start(self) -> None:
         """Keep a few validation crops and their reconstructions at the start of this run.
 
         Stage B starts from stage A's weights, so these are stage A's reconstructions; each
