@@ -299,3 +299,30 @@ def test_paper_size_preset_composes_and_counts_its_parameters(tmp_path, sample_r
         "discriminator": 2_793_117,
     }
     assert "generator" in capsys.readouterr().out
+
+
+def test_stage_b_resumes_with_its_three_optimisers_and_the_g_d_alternation(
+    stage_a, tmp_path, sample_root
+):
+    first = compose_hific(
+        tmp_path / "a", sample_root, "model=hific", "regime=high", f"ckpt={stage_a[0]}"
+    )
+    train(first)
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    saved = read_checkpoint(last)
+    assert len(saved["optimizer_states"]) == 3 and len(saved["lr_schedulers"]) == 2
+    again = compose_hific(
+        tmp_path / "b",
+        sample_root,
+        "model=hific",
+        "regime=high",
+        f"resume={last}",
+        "trainer.max_steps=3",
+    )
+    capture = Capture()
+    train(again, extra_callbacks=[capture])
+    # One D batch before each G step: the count restarts where the checkpoint left it.
+    step = saved["global_step"]
+    assert int(saved["state_dict"]["discriminator.steps_taken"]) == step >= 1
+    assert int(capture.start["discriminator.steps_taken"]) == step
+    assert int(capture.end["discriminator.steps_taken"]) == 3  # and G reached max_steps=3

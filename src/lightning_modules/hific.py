@@ -200,10 +200,10 @@ class Hific(RateDistortion):
     def configure_optimizers(self) -> Any:
         configured = super().configure_optimizers()
         optimizers, schedulers = configured if isinstance(configured, tuple) else (configured, [])
+        if self.aux_optimizer_factory is None:
+            raise ConfigError("HiFIC needs model.aux_optimizer for the entropy bottleneck")
         if self.discriminator is None:
             return configured
-        if self.aux_optimizer_factory is None or not list(self.codec.aux_parameters()):
-            raise ConfigError("HiFIC needs model.aux_optimizer for the entropy bottleneck")
         disc = self.disc_optimizer_factory(list(self.discriminator.parameters()))
         optimizers = [*optimizers, disc]
         if self.scheduler_factory is None:

@@ -159,13 +159,14 @@ class RateDistortion(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.scheduler_factory is None or self.hparams.scheduler_interval != "epoch":
             return
-        scheduler = self.lr_schedulers()
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            value = self.trainer.callback_metrics.get(self.hparams.scheduler_monitor)
-            if value is not None:
-                scheduler.step(value)
-        else:
-            scheduler.step()
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                value = self.trainer.callback_metrics.get(self.hparams.scheduler_monitor)
+                if value is not None:
+                    scheduler.step(value)
+            else:
+                scheduler.step()
 
     # ---- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
