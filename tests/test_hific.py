@@ -21,6 +21,7 @@ from src.losses.target_rate import TargetRate
 from src.training import train
 from src.utils.checkpoints import load_weights, read_checkpoint
 from tests.conftest import compose_config
+from tests.helpers import run_script
 
 # Tiny widths, 64 px crops, random LPIPS (test-only), two generator steps.
 TINY_HIFIC = [
@@ -326,3 +327,25 @@ def test_stage_b_resumes_with_its_three_optimisers_and_the_g_d_alternation(
     assert int(saved["state_dict"]["discriminator.steps_taken"]) == step >= 1
     assert int(capture.start["discriminator.steps_taken"]) == step
     assert int(capture.end["discriminator.steps_taken"]) == 3  # and G reached max_steps=3
+
+
+@pytest.mark.slow
+def test_stage_b_trains_with_ddp_on_two_cpu_processes(tmp_path, sample_root):
+    # G batches leave D unused and D batches the codec: the recipe tells DDP to expect it.
+    args = [a for a in TINY_HIFIC if not a.startswith("+")]
+    proc = run_script(
+        "train.py",
+        [
+            "model=hific",
+            "regime=low",
+            "trainer=ddp_cpu",
+            *args,
+            f"paths.log_dir={tmp_path}/logs",
+            f"data.root={sample_root}",
+        ],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ckpt,) = (tmp_path / "logs").rglob("last.ckpt")
+    checkpoint = read_checkpoint(ckpt)
+    assert checkpoint["global_step"] >= 1
+    assert int(checkpoint["state_dict"]["discriminator.steps_taken"]) == checkpoint["global_step"]

@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -194,8 +195,11 @@ class Hific(RateDistortion):
         counts = self.parameter_counts()
         lines = ", ".join(f"{name} {n / 1e6:.2f} M" for name, n in counts.items())
         log.info("HiFIC parameters: %s (total %.2f M)", lines, sum(counts.values()) / 1e6)
-        if self.discriminator is not None:
-            self._ddp_params_and_buffers_to_ignore.append(f"{DISCRIMINATOR}.steps_taken")
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if self.discriminator is not None and isinstance(strategy, DDPStrategy):
+            # G batches leave D's parameters unused and D batches the codec's: DDP must expect it
+            # (setup runs before the strategy wraps the module).
+            strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def configure_optimizers(self) -> Any:
         configured = super().configure_optimizers()
