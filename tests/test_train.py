@@ -12,7 +12,7 @@ from src.codecs.loading import load_codec
 from src.datamodules.images import decode_rgb
 from src.training import train
 from src.utils.checkpoints import read_checkpoint
-from tests.test_configs import MODELS
+from tests.test_configs import RD_MODELS
 
 
 class RecordLoss(pl.Callback):
@@ -30,7 +30,7 @@ def photo_batch(sample_root) -> torch.Tensor:
     return torch.stack([img[:, 100:164, 100:164], img[:, 300:364, 200:264]])
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", RD_MODELS)
 def test_every_preset_lowers_its_loss_on_a_repeated_batch(compose_train, photo_batch, model):
     cfg = compose_train(f"model={model}", "lr_schedule=constant", "model.optimizer.lr=2e-3")
     pl.seed_everything(0)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,9 +72,11 @@ def evaluate_image(
     jpeg: list[BaselinePoint] | None,
     rate: Rate | None = None,
     tile: int | None = None,
+    perceptual: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
 ) -> ImageResult:
     """Code one (1, 3, H, W) image (at `rate` for a variable-rate codec; tile by tile above
-    `tile`) and measure it against its JPEG curve at the same rate."""
+    `tile`) and measure it against its JPEG curve at the same rate; `perceptual(x, x_hat)` adds
+    figures such as LPIPS."""
     h, w = x.shape[-2:]
     regions = tiles(x, tile)
     start = time.perf_counter()
@@ -98,6 +101,9 @@ def evaluate_image(
     bpp = 8 * len(data) / (h * w)  # the whole file, header included
     value = float(psnr(x, x_hat))
     nan = float("nan")
+    extra = codec.coding_report(x, encoded) if encoded is not None else {}
+    if perceptual is not None:
+        extra.update(perceptual(x, x_hat))
     return ImageResult(
         image=name,
         bpp=bpp,
@@ -109,7 +115,7 @@ def evaluate_image(
         matches_forward=matches,
         jpeg_psnr_at_bpp=quality_at_rate(jpeg, bpp) if jpeg else nan,
         jpeg_bpp_at_psnr=rate_at_quality(jpeg, value) if jpeg else nan,
-        extra=codec.coding_report(x, encoded) if encoded is not None else {},
+        extra=extra,
     )
 
 

@@ -27,6 +27,7 @@ from src.evaluation.baselines import baseline_curves, classical_codec, image_cur
 from src.evaluation.bd_rate import bd_rate
 from src.evaluation.evaluate import evaluate_image, summarize, write_results
 from src.evaluation.metrics import ms_ssim_db
+from src.evaluation.perceptual import PerceptualMetrics
 from src.evaluation.plot import plot_rd
 
 SHOWN = (
@@ -173,6 +174,8 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     """Evaluate each checkpoint on the test images of `cfg.data`; returns the summaries."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    # Built first: missing weight files stop the run before any coding.
+    perceptual = PerceptualMetrics.from_config(cfg.get("perceptual"), device=cfg.device)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -200,6 +203,8 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
         for rate in rate_points(codec, cfg.get("rate")):
             suffix = "" if rate is None else f"-{rate.kind}{rate.value:g}"
             name = f"{codec.name}-{ckpt.parent.parent.name}-{ckpt.stem}{suffix}"
+            if perceptual is not None:
+                perceptual.reset()
             results = [
                 evaluate_image(
                     codec,
@@ -208,10 +213,13 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
                     image_curve(jpeg, n) if jpeg else None,
                     rate,
                     tile=cfg.get("tile"),
+                    perceptual=perceptual and perceptual.image,
                 )
                 for x, n in track(list(zip(images, names)), description=f"coding {name}")
             ]
             summary = summarize(results)
+            if perceptual is not None:
+                summary.update(perceptual.dataset())
             write_results(results, summary, name, out_dir)
             summaries[f"{ckpt}{suffix}"] = summary
             learned.setdefault(curve_label(codec, ckpt), []).append(summary)

@@ -85,7 +85,7 @@ class RateDistortion(pl.LightningModule):
         aux_ids = {id(p) for p in self.codec.aux_parameters()}
         entropy = [p for p in self.codec.entropy_parameters() if id(p) not in aux_ids]
         entropy_ids = {id(p) for p in entropy}
-        main = [p for p in self.parameters() if id(p) not in aux_ids | entropy_ids]
+        main = [p for p in self.main_parameters() if id(p) not in aux_ids | entropy_ids]
         base_lr = self.optimizer_factory.keywords.get("lr", 1e-4)
         groups = [{"params": main, "name": "main"}]
         if entropy:
@@ -108,6 +108,11 @@ class RateDistortion(pl.LightningModule):
             "monitor": self.hparams.scheduler_monitor,
         }
         return optimizers, [scheduler]
+
+    def main_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters the main optimiser may train (all of them here; a recipe with a part of
+        its own optimiser, such as HiFIC's discriminator, leaves that part out)."""
+        return list(self.parameters())
 
     def setup(self, stage: str) -> None:
         # Parameters that only the auxiliary loss trains never see the distributed backward;
@@ -154,13 +159,14 @@ class RateDistortion(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.scheduler_factory is None or self.hparams.scheduler_interval != "epoch":
             return
-        scheduler = self.lr_schedulers()
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            value = self.trainer.callback_metrics.get(self.hparams.scheduler_monitor)
-            if value is not None:
-                scheduler.step(value)
-        else:
-            scheduler.step()
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                value = self.trainer.callback_metrics.get(self.hparams.scheduler_monitor)
+                if value is not None:
+                    scheduler.step(value)
+            else:
+                scheduler.step()
 
     # ---- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:

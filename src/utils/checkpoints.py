@@ -28,8 +28,11 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
     """Initialise `module`'s weights from a checkpoint; the optimiser and step start afresh.
 
     A checkpoint of another codec (other names or shapes) is refused with the keys that differ.
+    Keys under the prefixes in `module.starts_fresh` (e.g. HiFIC's discriminator, absent from its
+    rate-distortion stage) may be missing or extra: those parts keep their initialisation.
     Returns the checkpoint dict for callers that need more of it.
     """
+    fresh = tuple(getattr(module, "starts_fresh", ()))
     checkpoint = read_checkpoint(path)
     state = checkpoint["state_dict"]
     own = module.state_dict()
@@ -46,8 +49,8 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
         for k, p in module.named_parameters()
         if k in state and state[k].shape != p.shape
     ]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.startswith(fresh)]
+    unexpected = [k for k in state if k not in own and not k.startswith(fresh)]
     if shape_diff or (strict and (missing or unexpected)):
         details = "; ".join(
             part
@@ -59,7 +62,8 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
             if part
         )
         raise CheckpointError(f"checkpoint {path} does not fit this codec ({details})")
-    module.load_state_dict(state, strict=strict)
+    state = {k: v for k, v in state.items() if k in own}
+    module.load_state_dict(state, strict=strict and not fresh)
     return checkpoint
 
 
