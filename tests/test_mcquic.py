@@ -20,7 +20,7 @@ from src.datamodules.images import decode_rgb
 from src.errors import ConfigError, LicError
 from src.evaluation.baselines import pillow_codec_curve
 from src.evaluation.evaluate import evaluate_image
-from src.lightning_modules.mcquic import McQuicRecipe
+from src.lightning_modules.mcquic import McQuicRecipe, reassign_on_rank_zero
 from src.lightning_modules.temperature import Constant, Cosine, Exponential, temperature_schedule
 from src.optim.lamb import Lamb
 from src.training import train
@@ -116,19 +116,30 @@ def _ddp_frequencies(rank: int, world: int, init_file: str, out_dir: str) -> Non
     torch.manual_seed(0)
     q = MultiCodebookQuantizer(m=2, k=8, d=2, decay=0.5).train()
     for step in range(3):
-        codes = torch.randint(
-            0, 8, (2, 2, 3, 3), generator=torch.Generator().manual_seed(10 * step + rank)
-        )
-        q.update_frequency(codes)
+        g = torch.Generator().manual_seed(10 * step + rank)
+        q.update_frequency(torch.randint(0, 8, (2, 2, 3, 3), generator=g))
+    # Reassignment: rank 0 re-seeds, every rank ends with rank 0's codebooks and fractions.
+    torch.manual_seed(100 + rank)  # different codebooks and jitter on each rank
+    codec = McQuic(m=2, N=4, codebook_sizes=[8])
+    with torch.no_grad():
+        codec.quantizers[0].frequency[:, 4:] = 0
+    fractions = reassign_on_rank_zero(codec, 1e-6)
+    torch.save(
+        {"codebook": codec.quantizers[0].codebook.detach(), "fractions": fractions},
+        Path(out_dir) / f"codebook{rank}.pt",
+    )
     torch.save(q.frequency, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_code_frequencies_are_identical_across_two_ddp_processes(tmp_path):
+def test_frequencies_and_reassigned_codebooks_are_identical_across_two_ddp_processes(tmp_path):
     mp.spawn(_ddp_frequencies, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     f0, f1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(f0, f1)
+    c0, c1 = (torch.load(tmp_path / f"codebook{r}.pt") for r in (0, 1))
+    assert torch.equal(c0["codebook"], c1["codebook"])
+    assert c0["fractions"] == c1["fractions"] == {"level1": 0.5, "all": 0.5}
     # ... and equal to the EMA of the histograms pooled over both ranks.
     expected = torch.full((2, 8), 1 / 8)
     for step in range(3):

@@ -139,18 +139,27 @@ class McQuicRecipe(RateDistortion):
 
     # ---- codeword reassignment ----------------------------------------------------------------
     def reassign_dead_codewords(self) -> dict[str, float]:
-        """Rank 0 re-seeds dead codewords and broadcasts the codebooks; logs the fraction moved."""
-        keys = [f"level{i + 1}" for i in range(self.codec.levels)] + ["all"]
-        values = torch.zeros(len(keys), device=self.device)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not distributed or dist.get_rank() == 0:
-            fractions = self.codec.reassign_dead_codewords(self.hparams.dead_threshold)
-            values = torch.tensor([fractions[k] for k in keys], device=self.device)
-        if distributed:
-            for codebook in self.codec.codebooks():
-                dist.broadcast(codebook.data, src=0)
-            dist.broadcast(values, src=0)
-        fractions = dict(zip(keys, values.tolist()))
-        names = {k: "train/reassigned" if k == "all" else f"train/reassigned/{k}" for k in keys}
+        """Re-seed dead codewords (rank 0, broadcast) and log the fraction moved."""
+        fractions = reassign_on_rank_zero(self.codec, self.hparams.dead_threshold)
+        names = {
+            k: "train/reassigned" if k == "all" else f"train/reassigned/{k}" for k in fractions
+        }
         self.log_dict({names[k]: v for k, v in fractions.items()}, on_step=False, on_epoch=True)
         return fractions
+
+
+def reassign_on_rank_zero(codec: McQuic, threshold: float) -> dict[str, float]:
+    """Rank 0 re-seeds the dead codewords; every DDP rank then takes rank 0's codebooks and
+    fractions (per level and "all"). Without torch.distributed this is a plain reassignment."""
+    keys = [f"level{i + 1}" for i in range(codec.levels)] + ["all"]
+    device = codec.codebooks()[0].device
+    values = torch.zeros(len(keys), device=device)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed or dist.get_rank() == 0:
+        fractions = codec.reassign_dead_codewords(threshold)
+        values = torch.tensor([fractions[k] for k in keys], device=device)
+    if distributed:
+        for codebook in codec.codebooks():
+            dist.broadcast(codebook.data, src=0)
+        dist.broadcast(values, src=0)
+    return dict(zip(keys, values.tolist()))
