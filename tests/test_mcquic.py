@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -24,6 +25,7 @@ from src.lightning_modules.mcquic import McQuicRecipe, reassign_on_rank_zero
 from src.lightning_modules.temperature import Constant, Cosine, Exponential, temperature_schedule
 from src.optim.lamb import Lamb
 from src.training import train
+from tests.helpers import run_script
 
 # Tiny widths and codebooks, 64² crops (the stride of three levels), a few steps.
 TINY_MCQUIC = [
@@ -154,6 +156,45 @@ def test_frequencies_and_reassigned_codebooks_are_identical_across_two_ddp_proce
         hist = torch.stack([torch.bincount(codes[:, i].flatten(), minlength=8) for i in range(2)])
         expected = 0.5 * expected + 0.5 * hist / hist.sum(-1, keepdim=True)
     assert torch.allclose(f0, expected)
+
+
+class DumpCodeState(pl.Callback):
+    """Each rank saves its code frequencies and codebooks when training ends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = {
+            name: t.detach().cpu()
+            for name, t in pl_module.codec.state_dict().items()
+            if name.endswith(("frequency", "codebook"))
+        }
+        torch.save(state, Path(self.path) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_training_keeps_frequencies_and_codebooks_identical_on_every_rank(
+    tmp_path, sample_root
+):
+    args = [
+        f"paths.log_dir={tmp_path}/logs",
+        f"data.root={sample_root}",
+        *TINY_MCQUIC,
+        "trainer=ddp_cpu",
+        "model.reassign_every=1",
+        "model.reassign_unit=step",
+        "+callbacks.dump._target_=tests.test_mcquic.DumpCodeState",
+        f"+callbacks.dump.path={tmp_path}",
+    ]
+    proc = run_script("train.py", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) == 6
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    fresh = torch.full_like(rank0["quantizers.0.frequency"], 1 / 16)
+    assert not torch.equal(rank0["quantizers.0.frequency"], fresh)
 
 
 # ---- configs ----------------------------------------------------------------------------------
