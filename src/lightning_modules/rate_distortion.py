@@ -147,7 +147,8 @@ class RateDistortion(pl.LightningModule):
             if aux_loss is not None:
                 log["train/aux_loss"] = aux_loss.detach()
             log["train/lr"] = torch.tensor(main_opt.optimizer.param_groups[0]["lr"])
-            self.log_dict(log, on_step=True, on_epoch=False)
+            # Averaged over DDP ranks (every rank logs on the same steps, so the reduction pairs up).
+            self.log_dict(log, on_step=True, on_epoch=False, sync_dist=True)
             self.log("bpp", terms.bpp, prog_bar=True, on_step=True, logger=False)
         return terms.loss.detach()
 
