@@ -10,7 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from compressai.entropy_models import EntropyModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from src.datamodules.images import decode_rgb, list_images
 
@@ -39,7 +39,11 @@ class FixedPatches(pl.LightningDataModule):
         self.train_patches, self.val_patches = patches[:count], patches[count:]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_patches, batch_size=self.batch_size, shuffle=False)
+        # Lightning's own distributed sampler would shuffle the training set; this one keeps order.
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = DistributedSampler(self.train_patches, shuffle=False)
+        return DataLoader(self.train_patches, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_patches, batch_size=2, shuffle=False)
