@@ -107,12 +107,15 @@ def test_sbatch_script_asks_for_what_the_trainer_needs(compose_train, tmp_path, 
         assert line in script, script
 
 
-def test_submitit_local_launcher_runs_a_two_point_sweep(tmp_path, sample_root):
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_two_point_ddp_sweep(tmp_path, sample_root):
+    """One job per λ, each of two processes that Lightning joins into one DDP group."""
     proc = run_script(
         "train.py",
         [
             "-m",
             "hydra/launcher=submitit_local",
+            "trainer=ddp_cpu",
             "model.lmbda=0.0018,0.0067",
             *tiny_args(tmp_path, sample_root),
             "trainer.max_steps=2",
@@ -127,9 +130,15 @@ def test_submitit_local_launcher_runs_a_two_point_sweep(tmp_path, sample_root):
         checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt")
         assert checkpoint["global_step"] == 2
         assert f"lmbda{checkpoint['hyper_parameters']['lmbda']}" in run.name
-    logs = [p.read_text() for p in (sweep / ".submitit").rglob("*_log.out")]
-    assert len(logs) == 2
-    assert all("effective batch size 2 = 2 per device" in log for log in logs)
+    jobs = [d for d in (sweep / ".submitit").iterdir() if d.name.isdigit()]  # also: "%j"
+    assert len(jobs) == 2
+    for job in jobs:
+        (rank0,) = job.glob("*_0_log.out")
+        (rank1,) = job.glob("*_1_log.out")
+        assert "MEMBER: 1/2" in rank0.read_text() and "MEMBER: 2/2" in rank1.read_text()
+        # Printed once per job, by rank zero.
+        assert "effective batch size 4 = 2 per device × 2 device(s)" in rank0.read_text()
+        assert "effective batch size" not in rank1.read_text()
 
 
 # ---- preemption -------------------------------------------------------------------------------

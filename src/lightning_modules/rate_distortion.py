@@ -184,8 +184,10 @@ class RateDistortion(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_metrics.items():
             if metric.update_count > 0:
+                # compute() already averages over DDP ranks; sync_dist (a no-op on equal values)
+                # only keeps Lightning from warning that epoch-level values are not synchronised.
                 self.log(
-                    f"val/{name}", metric.compute(), prog_bar=name in ("psnr",), sync_dist=False
+                    f"val/{name}", metric.compute(), prog_bar=name in ("psnr",), sync_dist=True
                 )
             metric.reset()
 
