@@ -13,6 +13,9 @@ register()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    # Referencing `register` makes a submitit job (which unpickles this function instead of
+    # running this file) import src.utils.resolvers, which registers the resolvers on import.
+    register()
     from src.training import train
 
     train(cfg)

@@ -10,9 +10,17 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_info
 
 from src.errors import ConfigError
-from src.utils.checkpoints import load_weights, newest_last_checkpoint, read_checkpoint
+from src.utils.checkpoints import (
+    interrupted_checkpoints,
+    load_weights,
+    newest_last_checkpoint,
+    newest_state,
+    read_checkpoint,
+)
+from src.utils.cluster import adopt_submitit_local_tasks, cluster_plugins, effective_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,19 @@ def check_writable(directory: str | Path) -> Path:
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint `resume=` points at: a path, or the newest last.ckpt of this run name."""
+    """The checkpoint to continue from, if any.
+
+    A run directory that already holds a signal checkpoint (`hpc_ckpt_<n>.ckpt`: a requeued
+    SLURM job, or a stopped run started again in its directory) continues from its newest state,
+    whatever `resume=` says. Otherwise `resume=` decides: a path, or with `true` the newest state
+    of the latest run of the same name.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    if interrupted_checkpoints(output_dir):
+        path = newest_state(output_dir)
+        read_checkpoint(path)
+        log.info("continuing the interrupted run in %s from %s", output_dir, path)
+        return str(path)
     if cfg.resume in (None, False):
         return None
     if cfg.resume is True:
@@ -57,6 +77,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     `extra_callbacks` join the configured ones (benchmarks and tests hook in this way).
     """
     output_dir = check_writable(cfg.paths.output_dir)
+    adopt_submitit_local_tasks(int(cfg.trainer.get("num_nodes", 1)))
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     if cfg.ckpt and cfg.resume:
@@ -73,10 +94,14 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
 
     callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
     loggers = instantiate_group(cfg.get("logger"))
+    extra = {}
+    if plugins := cluster_plugins(auto_requeue=bool(cfg.get("slurm_auto_requeue", True))):
+        extra["plugins"] = plugins
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra
     )
     config = OmegaConf.to_container(cfg, resolve=True)
+    config["effective_batch_size"] = report_batch_size(trainer, cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(config)
 
@@ -86,6 +111,21 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     if cfg.print_summary and trainer.is_global_zero and trainer.checkpoint_callback is not None:
         print_summary(trainer, output_dir)
     return metrics
+
+
+def report_batch_size(trainer: pl.Trainer, cfg: DictConfig) -> int | None:
+    """Print and return the images per optimiser step (per-device batch × devices × nodes)."""
+    batch_size = cfg.data.get("batch_size")
+    if batch_size is None:
+        return None
+    total = effective_batch_size(
+        batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches
+    )
+    rank_zero_info(
+        f"effective batch size {total} = {batch_size} per device × {trainer.num_devices} "
+        f"device(s) × {trainer.num_nodes} node(s) × {trainer.accumulate_grad_batches} accumulated"
+    )
+    return total
 
 
 def print_summary(trainer: pl.Trainer, output_dir: Path) -> None:

@@ -152,7 +152,8 @@ class RateDistortion(pl.LightningModule):
             if aux_loss is not None:
                 log["train/aux_loss"] = aux_loss.detach()
             log["train/lr"] = torch.tensor(main_opt.optimizer.param_groups[0]["lr"])
-            self.log_dict(log, on_step=True, on_epoch=False)
+            # Averaged over DDP ranks (every rank logs on the same steps, so the reduction pairs up).
+            self.log_dict(log, on_step=True, on_epoch=False, sync_dist=True)
             self.log("bpp", terms.bpp, prog_bar=True, on_step=True, logger=False)
         return terms.loss.detach()
 
@@ -189,8 +190,10 @@ class RateDistortion(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_metrics.items():
             if metric.update_count > 0:
+                # compute() already averages over DDP ranks; sync_dist (a no-op on equal values)
+                # only keeps Lightning from warning that epoch-level values are not synchronised.
                 self.log(
-                    f"val/{name}", metric.compute(), prog_bar=name in ("psnr",), sync_dist=False
+                    f"val/{name}", metric.compute(), prog_bar=name in ("psnr",), sync_dist=True
                 )
             metric.reset()
 

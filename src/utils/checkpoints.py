@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -67,14 +68,49 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
     return checkpoint
 
 
+# Lightning's name for the checkpoint a requeued SLURM job restores: hpc_ckpt_<n>.ckpt in the
+# run directory. The framework writes the same name when any run stops on a signal.
+INTERRUPTED_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+
+
+def interrupted_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The `hpc_ckpt_<n>.ckpt` files of a run directory, oldest (smallest n) first."""
+    found = []
+    for path in Path(run_dir).glob("hpc_ckpt_*.ckpt"):
+        match = INTERRUPTED_PATTERN.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def next_interrupted_checkpoint(run_dir: str | Path) -> Path:
+    """Where the next signal checkpoint of a run goes (numbered on, as Lightning does)."""
+    existing = interrupted_checkpoints(run_dir)
+    number = int(INTERRUPTED_PATTERN.fullmatch(existing[-1].name).group(1)) + 1 if existing else 1
+    return Path(run_dir) / f"hpc_ckpt_{number}.ckpt"
+
+
+def newest_state(run_dir: str | Path) -> Path | None:
+    """The newest of a run directory's `checkpoints/last.ckpt` and `hpc_ckpt_<n>.ckpt`, or None."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *interrupted_checkpoints(run_dir)[-1:]]
+    candidates = [p for p in candidates if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
 def newest_last_checkpoint(runs_dir: str | Path, exclude: str | Path | None = None) -> Path:
-    """The most recent `checkpoints/last.ckpt` among the run directories in `runs_dir`."""
+    """The most recent training state among the run directories in `runs_dir`.
+
+    A run's state is its `checkpoints/last.ckpt`, or the `hpc_ckpt_<n>.ckpt` it saved when a
+    signal stopped it, whichever is newer.
+    """
     runs_dir = Path(runs_dir)
     exclude = Path(exclude).resolve() if exclude else None
     candidates = [
-        p
-        for p in runs_dir.glob("*/checkpoints/last.ckpt")
-        if exclude is None or p.parent.parent.resolve() != exclude
+        state
+        for run in runs_dir.glob("*/")
+        if exclude is None or run.resolve() != exclude
+        if (state := newest_state(run)) is not None
     ]
     if not candidates:
         raise CheckpointError(

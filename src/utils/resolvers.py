@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from src.losses.rate_distortion import lmbda_for
+from src.utils import cluster
 
 
 def _run_group(default: str) -> str:
@@ -24,7 +25,8 @@ def _run_group(default: str) -> str:
 
 
 def register() -> None:
-    """Register `lmbda_ladder` and `run_group` once per process."""
+    """Register `lmbda_ladder`, `run_group` and the cluster resolvers once per process."""
+    cluster.register()
     resolvers = {
         "lmbda_ladder": lambda metric, quality: lmbda_for(metric, int(quality)),
         "run_group": _run_group,
@@ -32,3 +34,8 @@ def register() -> None:
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+# On import as well: a submitit job unpickles train.py's task function (which references this
+# module) and composes the sweep config before any of the framework's code runs.
+register()
