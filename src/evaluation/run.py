@@ -21,6 +21,7 @@ from src.evaluation.baselines import pillow_codec_curve
 from src.evaluation.bd_rate import bd_rate
 from src.evaluation.evaluate import evaluate_image, mean_curve, summarize, write_results
 from src.evaluation.plot import plot_rd
+from src.evaluation.progressive import evaluate_progressive, progressive_table
 
 SHOWN = (
     "bpp",
@@ -106,6 +107,11 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
             write_results(results, summary, name, out_dir)
             summaries[f"{ckpt}{suffix}"] = summary
             console.print(summary_table(f"{ckpt}{suffix}", summary))
+            if cfg.get("progressive"):
+                jpeg_ref = {"JPEG (Pillow 4:2:0)": mean_curve(jpeg)}
+                devices = [x.to(cfg.device) for x in images]
+                curve = evaluate_progressive(codec, devices, names, name, out_dir, jpeg_ref)
+                console.print(progressive_table(f"{ckpt}{suffix}", curve))
     jpeg_curve = mean_curve(jpeg)
     ours = {key: [s[key] for s in summaries.values()] for key in ("bpp", "psnr", "ms_ssim")}
     plot = plot_rd(
