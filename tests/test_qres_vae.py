@@ -428,3 +428,26 @@ def test_generate_refuses_bad_input_with_clear_errors(trained, tmp_path, capsys)
         == 2
     )
     assert "--box" in capsys.readouterr().err
+
+
+def test_spike_guard_can_take_the_step_at_a_reduced_rate_instead(compose_train):
+    cfg = compose_train("model=qres17m", *TINY_RUN, "model.spike_lr_scale=0.1", tiny=False)
+    module = hydra.utils.instantiate(cfg.model)
+    param = torch.nn.Parameter(torch.zeros(1))
+    seen: list[float] = []
+
+    class Recording:  # what Lightning's optimizer wrapper offers the recipe
+        optimizer = torch.optim.SGD([param], lr=2e-4)
+
+        def step(self) -> None:
+            seen.append(self.optimizer.param_groups[0]["lr"])
+
+        def zero_grad(self) -> None:
+            seen.append(-1.0)
+
+    module.grad_norms.extend([1.0] * 20)
+    assert not module.is_spike(9.0) and module.is_spike(11.0) and module.is_spike(math.nan)
+    assert module._handle_spike(Recording(), 50.0, torch.tensor(1.0)) is True
+    assert seen == [pytest.approx(2e-5)] and Recording.optimizer.param_groups[0]["lr"] == 2e-4
+    assert module._handle_spike(Recording(), math.inf, torch.tensor(1.0)) is False  # skipped
+    assert seen[-1] == -1.0 and module.skipped_steps == 2

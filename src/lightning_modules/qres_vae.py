@@ -226,7 +226,7 @@ class QResVAETraining(RateDistortion):
             "gradient spike at step %d (norm %.4g, loss %.4g): %s",
             self.global_step,
             norm,
-            float(loss),
+            float(loss.detach()),
             f"step taken at {scale:g}x the learning rate"
             if scale > 0 and math.isfinite(norm)
             else "step skipped",
