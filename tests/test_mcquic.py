@@ -19,7 +19,7 @@ from src.codecs.mcquic import McQuic, MultiCodebookQuantizer
 from src.coding.container import BitstreamError
 from src.datamodules.images import decode_rgb
 from src.errors import ConfigError, LicError
-from src.evaluation.baselines import pillow_codec_curve
+from src.evaluation.baselines import classical_codec
 from src.evaluation.evaluate import evaluate_image
 from src.lightning_modules.mcquic import McQuicRecipe, reassign_on_rank_zero
 from src.lightning_modules.temperature import Constant, Cosine, Exponential, temperature_schedule
@@ -281,7 +281,7 @@ def test_trained_tiny_model_anneals_reassigns_and_codes_exactly(
         )
     ] == [True] * 3
     assert torch.equal(codec.decompress(encoded), reference.x_hat.clamp(0, 1))
-    result = evaluate_image(codec, x, "crop", pillow_codec_curve(x, "JPEG"))
+    result = evaluate_image(codec, x, "crop", classical_codec("jpeg").curve(x))
     assert result.matches_forward
     row = result.row()
     assert {"raw_bound_bpp", "table_entropy_bpp", "streams_bpp"} <= set(row)

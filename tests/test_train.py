@@ -57,7 +57,9 @@ def test_every_preset_lowers_its_loss_on_a_repeated_batch(compose_train, photo_b
     trainer.fit(module, DataLoader([photo_batch] * 15, batch_size=None))
     assert trainer.global_step == 15  # the auxiliary step does not count as a training step
     first, last = sum(recorder.losses[:3]) / 3, sum(recorder.losses[-3:]) / 3
-    assert last < 0.9 * first, recorder.losses
+    # A lossless model's loss is its whole code length (~10 bits/dim at the start): it falls by
+    # a few percent in 15 steps, not by a tenth.
+    assert last < (0.99 if model.endswith("_lossless") else 0.9) * first, recorder.losses
 
 
 def test_default_run_writes_best_and_last_coding_ready_checkpoints(compose_train, tmp_path, capsys):

@@ -29,6 +29,7 @@ from src.evaluation.evaluate import evaluate_image, summarize, write_results
 from src.evaluation.metrics import ms_ssim_db
 from src.evaluation.perceptual import PerceptualMetrics
 from src.evaluation.plot import plot_rd
+from src.evaluation.progressive import evaluate_progressive, progressive_table
 
 SHOWN = (
     "bpp",
@@ -224,6 +225,11 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
             summaries[f"{ckpt}{suffix}"] = summary
             learned.setdefault(curve_label(codec, ckpt), []).append(summary)
             console.print(summary_table(f"{ckpt}{suffix}", summary))
+            if cfg.get("progressive"):
+                refs = {"jpeg": results_curve(jpeg)} if jpeg else {}
+                devices = [x.to(cfg.device) for x in images]
+                curve = evaluate_progressive(codec, devices, names, name, out_dir, refs)
+                console.print(progressive_table(f"{ckpt}{suffix}", curve))
 
     curves: dict[str, Curve] = {}
     for label, points in learned.items():

@@ -1,0 +1,453 @@
+"""QRes-VAE: paper sizes, real coding (lossy, progressive, lossless), the recipe's EMA and spike
+guard, progressive evaluation and the generative commands, at tiny widths on CPU."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from src import generate
+from src.cli import main as cli_main
+from src.codecs.loading import load_codec
+from src.codecs.qres_vae import QResVAE
+from src.datamodules.images import decode_rgb
+from src.errors import ConfigError, LicError
+from src.evaluation.baselines import to_pil
+from src.evaluation.metrics import quantize_8bit
+from src.evaluation.progressive import evaluate_progressive
+from src.lightning_modules.qres_vae import QResLoss, compressai_lmbda
+
+PRESETS = ("qres34m", "qres17m", "qres34m_lossless")
+TINY_RUN = [
+    "model.codec.N=8",
+    "data.crop=64",
+    "data.batch_size=2",
+    "trainer.max_time=null",
+    "callbacks.model_summary=null",
+    "logger=csv",
+]
+
+
+@contextmanager
+def one_thread():
+    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def save_codec(codec: QResVAE, path: Path) -> Path:
+    """A checkpoint holding just the codec, as `load_codec` reads it."""
+    codec.prepare_for_coding()
+    torch.save(
+        {
+            "state_dict": {f"codec.{k}": v for k, v in codec.state_dict().items()},
+            "codec_config": codec.config(),
+            "codec_name": codec.name,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def photo(sample_root) -> torch.Tensor:
+    """A 64x64 crop of a real photo (the astronaut's face), (1, 3, 64, 64)."""
+    img = decode_rgb(next((sample_root / "train").glob("*astronaut*"))).float().div(255)
+    return img[:, 100:164, 100:164].unsqueeze(0)
+
+
+@pytest.fixture(scope="module")
+def trained(photo) -> QResVAE:
+    """A tiny qres17m fitted to `photo` for 50 steps at λ = 256 (seconds on one thread)."""
+    torch.manual_seed(0)
+    codec = QResVAE("qres17m", N=8)
+    loss = QResLoss(256)
+    optimizer = torch.optim.Adam(codec.parameters(), lr=3e-3)
+    for _ in range(50):
+        terms = loss(photo, codec(photo))
+        optimizer.zero_grad()
+        terms.loss.backward()
+        torch.nn.utils.clip_grad_norm_(codec.parameters(), 2.0)
+        optimizer.step()
+    assert math.isfinite(float(terms.loss.detach()))
+    codec.eval()
+    codec.prepare_for_coding()
+    return codec
+
+
+# ---- sizes and configs ------------------------------------------------------------------------
+def test_paper_parameter_counts():
+    with torch.device("meta"):
+        counts = {
+            "qres34m": QResVAE("qres34m"),
+            "qres17m": QResVAE("qres17m"),
+            "qres34m_lossless": QResVAE("qres34m", lossless=True),
+        }
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in counts.items()}
+    assert counts["qres34m"] == pytest.approx(34.0e6, rel=0.02)
+    assert counts["qres17m"] == pytest.approx(17.0e6, rel=0.02)  # the paper's "17M"
+    assert counts["qres34m_lossless"] == pytest.approx(34.0e6, rel=0.02)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_compose_at_paper_size_with_the_paper_recipe(compose_train, preset):
+    cfg = compose_train(f"model={preset}", tiny=False)
+    assert cfg.model.scheduler is None  # the paper's constant learning rate
+    assert cfg.model.optimizer.lr == pytest.approx(2e-4) and cfg.model.clip_max_norm == 2.0
+    with torch.device("meta"):
+        codec = hydra.utils.instantiate(cfg.model.codec)
+    assert codec.name == preset and len(codec.group_names) == 12 + codec.lossless
+    # The user still picks another schedule on the command line.
+    cfg = compose_train(f"model={preset}", "lr_schedule=cosine", tiny=False)
+    assert "warmup_cosine" in cfg.model.scheduler._target_
+
+
+def test_lambda_conventions_and_bad_values(compose_train):
+    assert compressai_lmbda(16) == pytest.approx(0.00426, abs=1e-5)
+    assert compressai_lmbda(2048) == pytest.approx(0.545, abs=1e-3)
+    cfg = compose_train("model=qres34m", *TINY_RUN, "model.lmbda=0", tiny=False)
+    with pytest.raises(InstantiationException, match="lmbda must be positive"):
+        hydra.utils.instantiate(cfg.model)
+    cfg = compose_train("model=qres34m_lossless", *TINY_RUN, "model.metric=mse", tiny=False)
+    with pytest.raises(InstantiationException, match="must be 'nll'"):
+        hydra.utils.instantiate(cfg.model)
+    with pytest.raises(ConfigError, match="arch"):
+        QResVAE("qres99m")
+
+
+# ---- coding -----------------------------------------------------------------------------------
+def test_round_trip_equals_the_test_mode_reconstruction(trained, sample_root):
+    img = decode_rgb(next((sample_root / "train").glob("*astronaut*"))).float().div(255)
+    x = img[:, 90:160, 80:180].unsqueeze(0)  # 70x100: padded to 128x128 and cropped back
+    data = trained.compress_to_bytes(x)
+    decoded = trained.decompress_bytes(data)
+    with torch.no_grad():
+        out = trained(x)
+    assert decoded.shape == x.shape
+    assert torch.equal(quantize_8bit(decoded), quantize_8bit(out.x_hat))
+    assert list(out.bits) == [f"z{i}" for i in range(1, 13)]
+    estimated = float(out.total_bits())
+    assert 0.8 * estimated < 8 * len(data) < 1.3 * estimated + 8 * 300  # header + 12 streams
+
+
+def test_progressive_decoding_refines_monotonically(trained, photo, tmp_path):
+    """On the photo it was fitted to, decoding groups 1..k gives a distortion that never grows
+    with k, ends well below the prior-mean image's (k = 0), and k = L is the full decode."""
+    encoded = trained.compress(photo)
+    mse = [
+        float((quantize_8bit(trained.decompress(encoded, levels=k)) - photo).pow(2).mean())
+        for k in range(13)
+    ]
+    assert all(later <= earlier + 1e-7 for earlier, later in zip(mse[1:], mse[2:])), mse
+    assert mse[12] < 0.5 * mse[0], mse
+    assert torch.equal(trained.decompress(encoded, levels=12), trained.decompress(encoded))
+    with pytest.raises(LicError, match="levels must be in 0..12"):
+        trained.decompress(encoded, levels=13)
+
+    # The CLI's --levels decodes a real file the same way.
+    ckpt = save_codec(trained, tmp_path / "qres.ckpt")
+    to_pil(photo).save(tmp_path / "in.png")
+    assert (
+        cli_main(
+            ["compress", "--ckpt", str(ckpt), str(tmp_path / "in.png"), str(tmp_path / "x.lic")]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "decompress",
+                "--ckpt",
+                str(ckpt),
+                "--levels",
+                "3",
+                str(tmp_path / "x.lic"),
+                str(tmp_path / "k3.png"),
+            ]
+        )
+        == 0
+    )
+    k3 = decode_rgb(tmp_path / "k3.png").float().div(255).unsqueeze(0)
+    assert torch.equal(k3, quantize_8bit(trained.decompress(encoded, levels=3)))
+
+
+def test_progressive_evaluation_writes_the_curve_and_strips(trained, photo, tmp_path):
+    curve = evaluate_progressive(trained, [photo], ["face.png"], "qres", tmp_path)
+    assert curve["levels"] == [float(k) for k in range(1, 13)]
+    assert curve["bpp"] == sorted(curve["bpp"]) and curve["bpp"][0] < curve["bpp"][-1]
+    assert curve["psnr"][-1] > curve["psnr"][0]
+    # The full file's rate is the last point.
+    assert curve["bpp"][-1] == pytest.approx(8 * len(trained.compress_to_bytes(photo)) / 64**2)
+    rows = (tmp_path / "qres-progressive.csv").read_text().splitlines()
+    assert rows[0] == "image,levels,bpp,psnr,ms_ssim" and len(rows) == 13
+    assert (tmp_path / "qres-progressive.json").is_file()
+    assert (tmp_path / "qres-progressive-rd.png").is_file()
+    with Image.open(tmp_path / "qres-progressive" / "face.png") as strip:
+        assert strip.size == (13 * 64, 64)  # k = 1..12, then the original
+
+
+@pytest.mark.parametrize("tiny_scale", [False, True])
+def test_lossless_round_trip_is_bit_exact(sample_root, tiny_scale):
+    torch.manual_seed(0)
+    codec = QResVAE("qres34m", N=8, lossless=True).eval()
+    if tiny_scale:  # scales far below the table: every residual is coded by the escape path
+        torch.nn.init.constant_(codec.out_logscale[0].bias, -12.0)
+    codec.prepare_for_coding()
+    img = decode_rgb(next((sample_root / "train").glob("*astronaut*"))).float().div(255)
+    x = img[:, 200:270, 150:240].unsqueeze(0)
+    data = codec.compress_to_bytes(x)
+    decoded = codec.decompress_bytes(data)
+    assert torch.equal((decoded * 255).round(), (x * 255).round())
+    assert codec.name == "qres34m_lossless" and len(codec.group_names) == 13
+    with torch.no_grad():
+        out = codec(x)
+    assert "pixels" in out.bits and torch.equal(out.x_hat, x)
+    report = codec.coding_report(x, codec.compress(x))
+    assert report["exact"] == 1.0
+    assert report["bits_per_dim"] == pytest.approx(8 * len(data) / x[0].numel())
+    # Without the pixel stream the decoder shows the pixel model's mean image.
+    assert codec.decompress(codec.compress(x), levels=12).shape == x.shape
+
+
+# ---- training recipe --------------------------------------------------------------------------
+class Inject(pl.Callback):
+    """Blow up the loss of chosen training batches; remember the weights around them."""
+
+    def __init__(self, spikes: dict[int, float]) -> None:
+        self.spikes = spikes
+        self.losses: list[float] = []
+        self.around: dict[int, tuple] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx in self.spikes:
+            factor = self.spikes[batch_idx]
+            original = module.rd_loss.__class__.__call__
+
+            def scaled(loss_self, x, out):
+                terms = original(loss_self, x, out)
+                terms.loss = terms.loss * factor
+                return terms
+
+            module.rd_loss = type("Spiked", (type(module.rd_loss),), {"__call__": scaled})(
+                module.rd_loss.lmbda
+            )
+            self.around[batch_idx] = (self._weights(module), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+        if batch_idx in self.spikes:
+            module.rd_loss = QResLoss(module.rd_loss.lmbda)
+            before, step = self.around[batch_idx]
+            self.around[batch_idx] = (before, self._weights(module), step, trainer.global_step)
+
+    @staticmethod
+    def _weights(module) -> tuple[torch.Tensor, torch.Tensor]:
+        online = torch.cat([p.detach().flatten() for p in module.online.parameters()])
+        ema = torch.cat([p.detach().flatten() for p in module.codec.parameters()])
+        return online.clone(), ema.clone()
+
+
+def test_training_skips_spikes_and_keeps_ema_weights_for_validation_and_export(
+    compose_train, photo, tmp_path
+):
+    cfg = compose_train(
+        "model=qres17m", *TINY_RUN, "model.ema_decay=0.5", "model.ema_warmup_steps=1", tiny=False
+    )
+    module = hydra.utils.instantiate(cfg.model)
+    batch = photo.expand(2, -1, -1, -1).contiguous()
+    inject = Inject({12: 1e4, 13: float("nan")})
+    trainer = pl.Trainer(
+        max_steps=14,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[inject],
+        accelerator="cpu",
+    )
+    trainer.fit(module, DataLoader([batch] * 16, batch_size=None))
+
+    finite = [v for i, v in enumerate(inject.losses) if i != 13]
+    assert all(math.isfinite(v) for v in finite) and len(inject.losses) == 16
+    assert module.skipped_steps == 2 and trainer.global_step == 14
+    for idx in (12, 13):  # neither the weights nor the EMA moved, and no step was counted
+        (online_0, ema_0), (online_1, ema_1), step_0, step_1 = inject.around[idx]
+        assert torch.equal(online_0, online_1) and torch.equal(ema_0, ema_1) and step_0 == step_1
+    (online_0, ema_0), (online_1, ema_1), _, _ = inject.around[12]
+    assert not torch.equal(online_0, ema_0)  # decay 0.5: the EMA lags the online weights
+
+    # Validation measures the EMA codec.
+    with torch.no_grad():
+        module.codec.eval()
+        torch.manual_seed(0)
+        expected = float(module.rd_loss(batch, module.codec(batch)).loss)
+        module.online.eval()
+        online = float(module.rd_loss(batch, module.online(batch)).loss)
+    assert expected != pytest.approx(online)
+    metrics = trainer.validate(module, DataLoader([batch], batch_size=None), verbose=False)
+    assert metrics[0]["val/loss"] == pytest.approx(expected, rel=1e-5)
+
+    # The checkpoint's codec (what load_codec, evaluate.py and the CLI use) is the EMA.
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    codec = load_codec(tmp_path / "last.ckpt")
+    exported = torch.cat([p.flatten() for p in codec.parameters()])
+    ema = torch.cat([p.flatten() for p in module.codec.parameters()])
+    assert torch.equal(exported, ema)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert any(k.startswith("online.") for k in checkpoint["state_dict"])  # resume trains on
+    assert checkpoint["qres_guard"]["skipped_steps"] == 2
+
+
+# ---- generative uses --------------------------------------------------------------------------
+def test_generate_commands_write_png_grids(trained, photo, sample_root, tmp_path):
+    ckpt = str(save_codec(trained, tmp_path / "qres.ckpt"))
+    to_pil(photo).save(tmp_path / "a.png")
+    img = decode_rgb(next((sample_root / "train").glob("*astronaut*"))).float().div(255)
+    to_pil(img[:, 300:364, 200:264]).save(tmp_path / "b.png")
+    assert (
+        generate.main(
+            [
+                "sample",
+                "--ckpt",
+                ckpt,
+                "--out",
+                str(tmp_path / "s.png"),
+                "--n",
+                "3",
+                "--size",
+                "64",
+                "128",
+                "--temperature",
+                "0",
+                "0.8",
+            ]
+        )
+        == 0
+    )
+    assert (
+        generate.main(
+            [
+                "interpolate",
+                "--ckpt",
+                ckpt,
+                "--out",
+                str(tmp_path / "i.png"),
+                "--steps",
+                "4",
+                str(tmp_path / "a.png"),
+                str(tmp_path / "b.png"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        generate.main(
+            [
+                "inpaint",
+                "--ckpt",
+                ckpt,
+                "--out",
+                str(tmp_path / "p.png"),
+                "--n",
+                "2",
+                "--iterations",
+                "2",
+                "--box",
+                "0.25",
+                "0.25",
+                "0.75",
+                "0.75",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 0
+    )
+    # make_grid: 2 px padding around and between images.
+    with Image.open(tmp_path / "s.png") as grid:
+        assert grid.size == (3 * 130 + 2, 2 * 66 + 2)  # 3 samples x 2 temperatures
+    with Image.open(tmp_path / "i.png") as grid:
+        assert grid.size == (6 * 66 + 2, 66 + 2)  # a, 4 blends, b
+    with Image.open(tmp_path / "p.png") as grid:
+        assert grid.size == (4 * 66 + 2, 66 + 2)  # original, masked, 2 samples
+        inpainted = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
+    # Outside the box every inpainted sample is the original image.
+    sample = inpainted[:, 2:66, 3 * 66 + 2 : 4 * 66].float().div(255)
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[16:48, 16:48] = False
+    assert torch.allclose(sample[:, outside], quantize_8bit(photo)[0][:, outside], atol=1 / 255)
+
+
+def test_generate_refuses_bad_input_with_clear_errors(trained, tmp_path, capsys):
+    ckpt = str(save_codec(trained, tmp_path / "qres.ckpt"))
+    assert (
+        generate.main(
+            ["sample", "--ckpt", ckpt, "--out", str(tmp_path / "s.png"), "--size", "60", "64"]
+        )
+        == 2
+    )
+    assert "multiples of 64" in capsys.readouterr().err
+    assert generate.main(["sample", "--ckpt", str(tmp_path / "none.ckpt"), "--out", "x.png"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    to_pil(torch.rand(1, 3, 64, 64)).save(tmp_path / "a.png")
+    assert (
+        generate.main(
+            [
+                "inpaint",
+                "--ckpt",
+                ckpt,
+                "--out",
+                str(tmp_path / "p.png"),
+                "--box",
+                "0.5",
+                "0",
+                "0.2",
+                "1",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 2
+    )
+    assert "--box" in capsys.readouterr().err
+
+
+def test_spike_guard_can_take_the_step_at_a_reduced_rate_instead(compose_train):
+    cfg = compose_train("model=qres17m", *TINY_RUN, "model.spike_lr_scale=0.1", tiny=False)
+    module = hydra.utils.instantiate(cfg.model)
+    param = torch.nn.Parameter(torch.zeros(1))
+    seen: list[float] = []
+
+    class Recording:  # what Lightning's optimizer wrapper offers the recipe
+        optimizer = torch.optim.SGD([param], lr=2e-4)
+
+        def step(self) -> None:
+            seen.append(self.optimizer.param_groups[0]["lr"])
+
+        def zero_grad(self) -> None:
+            seen.append(-1.0)
+
+    module.grad_norms.extend([1.0] * 20)
+    assert not module.is_spike(9.0) and module.is_spike(11.0) and module.is_spike(math.nan)
+    assert module._handle_spike(Recording(), 50.0, torch.tensor(1.0)) is True
+    assert seen == [pytest.approx(2e-5)] and Recording.optimizer.param_groups[0]["lr"] == 2e-4
+    assert module._handle_spike(Recording(), math.inf, torch.tensor(1.0)) is False  # skipped
+    assert seen[-1] == -1.0 and module.skipped_steps == 2
