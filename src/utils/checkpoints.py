@@ -31,14 +31,23 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
     Returns the checkpoint dict for callers that need more of it.
     """
     checkpoint = read_checkpoint(path)
-    state = checkpoint["state_dict"]
-    own = module.state_dict()
     codec_name = checkpoint.get("codec_name")
     expected = getattr(getattr(module, "codec", None), "name", None)
     if codec_name and expected and codec_name != expected:
         raise CheckpointError(
             f"checkpoint {path} holds a {codec_name} codec, this run builds {expected}"
         )
+    load_state_checked(module, checkpoint["state_dict"], f"checkpoint {path}", strict)
+    return checkpoint
+
+
+def load_state_checked(module: nn.Module, state: dict, source: str, strict: bool = True) -> None:
+    """Load `state` into `module`, refusing (with the keys that differ) a state of another shape.
+
+    `source` names where the state came from in the error. Recipes that warm-start from a
+    related model (QVRF from a fixed-rate one) adapt the state first and load it through here.
+    """
+    own = module.state_dict()
     # Parameters must match; buffers may not (coding tables change size once built, and every
     # Codec resizes its buffers to the incoming ones while loading).
     shape_diff = [
@@ -58,9 +67,8 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
             )
             if part
         )
-        raise CheckpointError(f"checkpoint {path} does not fit this codec ({details})")
+        raise CheckpointError(f"{source} does not fit this codec ({details})")
     module.load_state_dict(state, strict=strict)
-    return checkpoint
 
 
 def newest_last_checkpoint(runs_dir: str | Path, exclude: str | Path | None = None) -> Path:
