@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+from PIL import Image
 
 from src.codecs.loading import load_codec
 from src.codecs.qvrf import QvrfCodec
@@ -154,7 +155,8 @@ def test_three_stages_carry_their_weights_and_stage_2_orders_the_rates(
     start, second, metrics = run(
         2,
         f"ckpt={tmp_path}/stage1/run/checkpoints/last.ckpt",
-        "trainer.max_steps=24",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=12",
         "model.optimizer.lr=1e-3",
     )
     for key, value in start.state.items():
@@ -218,13 +220,18 @@ def test_evaluate_draws_the_curve_of_one_model_at_indices_and_factors(tmp_path, 
         )
     )
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    img = decode_rgb(next((sample_root / "val").glob("*chelsea*")))[:, :128, 100:292]
+    for split in ("train", "val"):  # one small photo keeps the JPEG ladder and MS-SSIM cheap
+        (tmp_path / "photos" / split).mkdir(parents=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "photos" / split / "cat.png")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
             "evaluate",
             overrides=[
                 f"ckpt={ckpt}",
-                f"data.root={sample_root}",
+                "data=folder",
+                f"data.root={tmp_path}/photos",
                 f"hydra.run.dir={tmp_path}/eval",
                 "rate.indices=all",
                 "rate.factors=[1.5,3.0]",
