@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from PIL import Image
 
+from src.cli import main
 from src.codecs.loading import load_codec
 from src.codecs.qvrf import QvrfCodec
 from src.coding.container import Rate, unpack
@@ -72,6 +73,30 @@ def test_round_trips_at_an_index_and_a_factor_equal_the_test_mode_forward(photo,
         with torch.no_grad():
             forward = codec(x)
         assert torch.equal(decoded, forward.x_hat.clamp(0, 1))
+
+
+@pytest.mark.parametrize("backbone", sorted(TINY_WIDTHS))
+def test_training_quantisers_and_what_the_gains_learn_from(photo, backbone):
+    torch.manual_seed(0)
+    codec = QvrfCodec(backbone, **TINY_WIDTHS[backbone])
+    x = photo[..., :64, :128]
+    codec.set_rate(Rate.index(4))
+    with torch.no_grad():
+        decoded = codec.eval()(x).x_hat
+    codec.train()
+    for quantizer in ("noise", "ste"):
+        codec.set_quantizer(quantizer)
+        codec.zero_grad()
+        out = codec(x)
+        (out.total_bits().sum() + 255**2 * (out.x_hat - x).pow(2).mean()).backward()
+        assert codec.gain.grad[4] != 0 and codec.gain.grad.count_nonzero() == 1
+        # straight-through: the synthesis sees exactly the decoder's latents; noise: it does not
+        same = torch.allclose(out.x_hat, decoded, atol=1e-5)
+        assert same == (quantizer == "ste")
+    codec.set_rate(Rate.index(0))  # the anchor never learns
+    codec.zero_grad()
+    codec(x).total_bits().sum().backward()
+    assert codec.gain.grad is None or codec.gain.grad.count_nonzero() == 0
 
 
 def test_a_factor_is_the_gain_itself():
@@ -210,7 +235,7 @@ def test_stage_2_starts_from_a_fixed_rate_checkpoint_of_its_backbone(tmp_path, s
         train(cfg)
 
 
-def test_evaluate_draws_the_curve_of_one_model_at_indices_and_factors(tmp_path, sample_root):
+def test_evaluate_and_the_cli_code_at_indices_and_factors(tmp_path, sample_root, capsys):
     from tests.conftest import compose_config
 
     widths = [f"model.codec.{k}={v}" for k, v in TINY_WIDTHS["mbt2018_mean"].items()]
@@ -248,3 +273,13 @@ def test_evaluate_draws_the_curve_of_one_model_at_indices_and_factors(tmp_path, 
     by_index = [summaries[f"{ckpt}-index{i}"]["bpp"] for i in range(8)]
     assert by_index == sorted(by_index)
     assert (tmp_path / "eval" / "rd.png").is_file()
+
+    # The CLI codes at an index or a factor; inspect shows it and decompress needs no flag.
+    photo = str(tmp_path / "photos" / "val" / "cat.png")
+    for flag, value, shown in (("--rate-index", "4", "index 4"), ("--factor", "2.5", "factor 2.5")):
+        coded = str(tmp_path / f"cat{value}.lic")
+        assert main(["compress", "--ckpt", str(ckpt), flag, value, photo, coded]) == 0
+        assert main(["inspect", coded]) == 0
+        assert shown in capsys.readouterr().out
+        assert main(["decompress", "--ckpt", str(ckpt), coded, str(tmp_path / "rec.png")]) == 0
+        assert Image.open(tmp_path / "rec.png").size == (192, 128)
