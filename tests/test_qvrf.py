@@ -23,7 +23,8 @@ from src.evaluation.run import evaluate
 from src.training import train
 from src.utils.checkpoints import read_checkpoint
 from src.utils.cli import explain
-from tests.helpers import REPO
+from tests.conftest import tiny_args
+from tests.helpers import REPO, run_script
 
 TINY_WIDTHS = {"cheng2020_attn": {"N": 8}, "mbt2018_mean": {"N": 8, "M": 8}}
 TINY_WIDTHS["bmshj2018_hyperprior"] = TINY_WIDTHS["mbt2018_mean"]
@@ -93,10 +94,10 @@ def test_training_quantisers_and_what_the_gains_learn_from(photo, backbone):
         # straight-through: the synthesis sees exactly the decoder's latents; noise: it does not
         same = torch.allclose(out.x_hat, decoded, atol=1e-5)
         assert same == (quantizer == "ste")
-    codec.set_rate(Rate.index(0))  # the anchor never learns
-    codec.zero_grad()
+    codec.set_rate(Rate.index(0))  # the anchor never learns, yet its batches give the gains a
+    codec.zero_grad()  # (zero) gradient, as DDP expects of every trainable parameter
     codec(x).total_bits().sum().backward()
-    assert codec.gain.grad is None or codec.gain.grad.count_nonzero() == 0
+    assert codec.gain.grad is not None and codec.gain.grad.count_nonzero() == 0
 
 
 def test_a_factor_is_the_gain_itself():
@@ -283,3 +284,16 @@ def test_evaluate_and_the_cli_code_at_indices_and_factors(tmp_path, sample_root,
         assert shown in capsys.readouterr().out
         assert main(["decompress", "--ckpt", str(ckpt), coded, str(tmp_path / "rec.png")]) == 0
         assert Image.open(tmp_path / "rec.png").size == (192, 128)
+
+
+@pytest.mark.slow
+def test_stage_2_trains_with_ddp_on_two_cpu_processes(tmp_path, sample_root):
+    """Each process draws its own rate; batches at the anchor still give the gains a (zero)
+    gradient, as DDP requires of every trainable parameter."""
+    args = [*tiny_args(tmp_path, sample_root), "model=qvrf", "stage=2", "trainer=ddp_cpu"]
+    proc = run_script("train.py", [*args, "trainer.max_steps=8", "trainer.val_check_interval=8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ckpt,) = (tmp_path / "logs").rglob("last.ckpt")
+    checkpoint = read_checkpoint(ckpt)
+    assert checkpoint["global_step"] == 8
+    assert checkpoint["state_dict"]["codec.gain"][0] == 1.0

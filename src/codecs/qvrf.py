@@ -5,9 +5,10 @@ compression" (ICIP 2023). The backbone (Cheng 2020 attention, Ballé's scale hyp
 mean-scale or joint model) is CompressAI's own, reached at `codec.net` exactly as in the
 fixed-rate `CompressAICodec`, so a fixed-rate checkpoint of this framework loads into it. The
 variable-rate part is one gain vector `a` with one entry per Lagrange multiplier: the latent is
-quantised on a grid of step 1/a around its predicted mean,
+quantised on a grid of step 1/a around its predicted mean and coded under the backbone's
+Gaussian with its scale multiplied by a,
 
-    q = round(a · (y − μ)),   ŷ = q / a + μ,   p(q) = N(a·μ-centred; scale a·σ) mass of bin q,
+    q = round(a · (y − μ)),   ŷ = q / a + μ,   q ~ N(0, (a·σ)²) integrated over unit bins,
 
 so a larger gain spends more bits. The hyperlatent z keeps its unit step at every rate. In
 training the rounding is replaced by uniform noise of the quantisation error's own width,
@@ -151,7 +152,9 @@ class QvrfCodec(CompressAICodec):
             return self.gain.new_tensor(self._rate.value)
         index = int(self._rate.value)
         gain = self.gain[index]
-        return (gain.detach() if index == ANCHOR else gain).clamp(min=MIN_GAIN)
+        if index == ANCHOR:  # fixed, yet in the graph with a zero gradient, as DDP expects
+            gain = gain.detach() + 0 * gain
+        return gain.clamp(min=MIN_GAIN)
 
     # ---- shared pieces ------------------------------------------------------------------------
     def _hyper(self, y: Tensor) -> Tensor:
@@ -265,7 +268,7 @@ class QvrfCodec(CompressAICodec):
             y_bits = self._y_bits(noisy, scales, a)
         x_hat = net.g_s(y_hat)
         bits = {"y": y_bits, "z": bits_from_likelihoods(z_likelihoods)}
-        return CodecOutput(x_hat=x_hat, bits=bits, extras={"gain": a_d})
+        return CodecOutput(x_hat=x_hat, bits=bits)
 
     def _compress_padded(self, x: Tensor) -> tuple[list[bytes], tuple[int, ...]]:
         net = self.net
