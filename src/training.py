@@ -88,7 +88,12 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
     if cfg.ckpt:
-        load_weights(model, cfg.ckpt)
+        # A recipe may warm-start from checkpoints other than its own (QVRF from a fixed rate).
+        warm_start = getattr(model, "init_weights_from", None)
+        if warm_start is not None:
+            warm_start(cfg.ckpt)
+        else:
+            load_weights(model, cfg.ckpt)
         log.info("initialised weights from %s", cfg.ckpt)
     ckpt_path = resume_checkpoint(cfg)
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
-from src.codecs.base import Codec
+from src.codecs.base import Codec, CodecOutput
 from src.errors import ConfigError
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
 from src.losses.rate_distortion import RateDistortionLoss
@@ -171,6 +171,17 @@ class RateDistortion(pl.LightningModule):
 
     # ---- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        _, x_hat = self.validate_batch(batch)
+        if batch_idx == 0 and self.hparams.num_logged_images > 0:
+            k = self.hparams.num_logged_images
+            log_reconstructions(self.loggers, batch[:k], x_hat[:k], self.global_step)
+
+    def validate_batch(self, batch: Tensor) -> tuple[CodecOutput, Tensor]:
+        """Add one batch to the validation metrics; returns the codec's output and the 8-bit
+        reconstruction.
+
+        Recipes that validate a batch several times (QVRF at every rate) call it once per pass.
+        """
         out = self.codec(batch)
         terms = self.rd_loss(batch, out)
         x_hat = quantize_8bit(out.x_hat)
@@ -183,9 +194,7 @@ class RateDistortion(pl.LightningModule):
         scores = ms_ssim(batch, x_hat)
         if not torch.isnan(scores).any():
             self.val_metrics["ms_ssim"].update(scores)
-        if batch_idx == 0 and self.hparams.num_logged_images > 0:
-            k = self.hparams.num_logged_images
-            log_reconstructions(self.loggers, batch[:k], x_hat[:k], self.global_step)
+        return out, x_hat
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_metrics.items():

@@ -29,20 +29,29 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
     """Initialise `module`'s weights from a checkpoint; the optimiser and step start afresh.
 
     A checkpoint of another codec (other names or shapes) is refused with the keys that differ.
-    Keys under the prefixes in `module.starts_fresh` (e.g. HiFIC's discriminator, absent from its
-    rate-distortion stage) may be missing or extra: those parts keep their initialisation.
     Returns the checkpoint dict for callers that need more of it.
     """
-    fresh = tuple(getattr(module, "starts_fresh", ()))
     checkpoint = read_checkpoint(path)
-    state = checkpoint["state_dict"]
-    own = module.state_dict()
     codec_name = checkpoint.get("codec_name")
     expected = getattr(getattr(module, "codec", None), "name", None)
     if codec_name and expected and codec_name != expected:
         raise CheckpointError(
             f"checkpoint {path} holds a {codec_name} codec, this run builds {expected}"
         )
+    load_state_checked(module, checkpoint["state_dict"], f"checkpoint {path}", strict)
+    return checkpoint
+
+
+def load_state_checked(module: nn.Module, state: dict, source: str, strict: bool = True) -> None:
+    """Load `state` into `module`, refusing (with the keys that differ) a state of another shape.
+
+    `source` names where the state came from in the error. Recipes that warm-start from a
+    related model (QVRF from a fixed-rate one) adapt the state first and load it through here.
+    Keys under the prefixes in `module.starts_fresh` (e.g. HiFIC's discriminator, absent from its
+    rate-distortion stage) may be missing or extra: those parts keep their initialisation.
+    """
+    fresh = tuple(getattr(module, "starts_fresh", ()))
+    own = module.state_dict()
     # Parameters must match; buffers may not (coding tables change size once built, and every
     # Codec resizes its buffers to the incoming ones while loading).
     shape_diff = [
@@ -62,10 +71,9 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
             )
             if part
         )
-        raise CheckpointError(f"checkpoint {path} does not fit this codec ({details})")
+        raise CheckpointError(f"{source} does not fit this codec ({details})")
     state = {k: v for k, v in state.items() if k in own}
     module.load_state_dict(state, strict=strict and not fresh)
-    return checkpoint
 
 
 # Lightning's name for the checkpoint a requeued SLURM job restores: hpc_ckpt_<n>.ckpt in the

@@ -1,0 +1,147 @@
+"""QVRF's three-stage recipe on top of the generic rate-distortion one.
+
+- stage 1: a fixed-rate model at `lmbda` with the anchor gain a = 1 and noise quantisation;
+  the gains do not train.
+- stage 2: each batch draws a rate index s uniformly and trains on λ_s with a = gain[s]
+  (index 0 is the anchor, fixed at 1); the gains train with the network, noise quantisation.
+- stage 3: as stage 2 with straight-through rounding for the decoder (rate still noise-based).
+
+Every network weight trains in every stage (the QVRF code freezes nothing); the stages differ in
+λ, in the quantiser and in whether the gains train. `ckpt=` carries the weights from stage to
+stage, and stage 2 may also start from a fixed-rate checkpoint of the same backbone.
+Validation runs every trained rate in stages 2–3: `val/loss` is the mean over rates of each
+rate's own loss (QVRF's plateau scheduler watches their sum), and `val/bpp_<s>`, `val/psnr_<s>`
+follow each rate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from src.codecs.base import Codec
+from src.codecs.qvrf import ANCHOR, QvrfCodec, resolve_lmbda_set
+from src.coding.container import Rate
+from src.errors import ConfigError
+from src.evaluation.metrics import psnr
+from src.lightning_modules.rate_distortion import OptimizerFactory, RateDistortion
+from src.utils.checkpoints import load_state_checked, load_weights, read_checkpoint
+from src.utils.image_logging import log_reconstructions
+
+log = logging.getLogger(__name__)
+
+STAGES = (1, 2, 3)
+
+
+class Qvrf(RateDistortion):
+    """Train one QVRF codec for every rate of its λ set, in three stages.
+
+    Args:
+        codec: a `QvrfCodec`.
+        lmbda: stage 1's λ (the anchor's fixed-rate model); stages 2–3 take λ from the set.
+        optimizer: partial of the main optimiser (it also trains the gains).
+        stage: 1, 2 or 3 (None: 1).
+        backbone, lmbda_set: the user's choices, which the preset hands on to the codec; checked
+            against it so a model built by hand cannot disagree with its recipe.
+        **kwargs: the generic recipe's arguments (metric, schedulers, clipping, ...).
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        lmbda: float,
+        optimizer: OptimizerFactory,
+        stage: int | None = 1,
+        backbone: str | None = None,
+        lmbda_set: str | Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        stage = 1 if stage is None else stage
+        if stage not in STAGES:
+            raise ConfigError(f"stage must be one of {STAGES} for QVRF, got {stage!r}")
+        if not isinstance(codec, QvrfCodec):
+            raise ConfigError(
+                f"the qvrf recipe trains a QvrfCodec, got {type(codec).__name__} in model.codec"
+            )
+        if backbone is not None and backbone.replace("_", "-") != codec.arch:
+            raise ConfigError(f"model.backbone is {backbone} but model.codec.arch is {codec.arch}")
+        if lmbda_set is not None:
+            lmbda_set = lmbda_set if isinstance(lmbda_set, str) else [float(v) for v in lmbda_set]
+            if resolve_lmbda_set(lmbda_set) != codec.lmbdas:
+                raise ConfigError(
+                    f"model.lmbda_set {lmbda_set} differs from the codec's λ {list(codec.lmbdas)}"
+                )
+            if isinstance(lmbda_set, str) and kwargs.get("metric", "mse") != "mse":
+                raise ConfigError(
+                    f"model.lmbda_set={lmbda_set} holds MSE λ; with model.metric="
+                    f"{kwargs['metric']} give the λ list yourself"
+                )
+        super().__init__(codec, lmbda, optimizer, **kwargs)
+        self.stage = stage
+        codec.gain.requires_grad_(stage > 1)
+        codec.set_quantizer("ste" if stage == 3 else "noise")
+        self.rate_metrics = torch.nn.ModuleDict(
+            {
+                f"{name}_{index}": MeanMetric()
+                for index in self.trained_indices()
+                for name in ("bpp", "psnr")
+            }
+            if stage > 1
+            else {}
+        )
+
+    # ---- rates --------------------------------------------------------------------------------
+    def trained_indices(self) -> list[int]:
+        """The rate indices this stage trains and validates."""
+        return [ANCHOR] if self.stage == 1 else list(range(self.codec.num_rates))
+
+    def use_rate(self, index: int) -> None:
+        """Set the codec's gain and the loss's λ for rate `index`."""
+        self.codec.set_rate(Rate.index(index))
+        self.rd_loss.lmbda = self.hparams.lmbda if self.stage == 1 else self.codec.lmbdas[index]
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        indices = self.trained_indices()
+        self.use_rate(indices[int(torch.randint(len(indices), ()))])
+        return super().training_step(batch, batch_idx)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        pixels = batch.shape[-2] * batch.shape[-1]
+        for index in self.trained_indices():
+            self.use_rate(index)
+            out, x_hat = self.validate_batch(batch)
+            if self.stage > 1:
+                self.rate_metrics[f"bpp_{index}"].update(out.total_bits() / pixels)
+                self.rate_metrics[f"psnr_{index}"].update(psnr(batch, x_hat))
+        if batch_idx == 0 and self.hparams.num_logged_images > 0:  # at the highest rate
+            k = self.hparams.num_logged_images
+            log_reconstructions(self.loggers, batch[:k], x_hat[:k], self.global_step)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        for name, metric in self.rate_metrics.items():
+            if metric.update_count > 0:
+                self.log(f"val/{name}", metric.compute())
+            metric.reset()
+
+    # ---- warm starts --------------------------------------------------------------------------
+    def init_weights_from(self, path: str | Path) -> None:
+        """`ckpt=`: a QVRF checkpoint (an earlier stage), or a fixed-rate checkpoint of the same
+        backbone (`model=cheng2020_attn ...`), whose weights fill `codec.net` while the gains keep
+        their initial values √(λ_s / λ_0)."""
+        checkpoint = read_checkpoint(path)
+        if checkpoint.get("codec_name") != self.codec.arch:
+            load_weights(self, path)
+            return
+        state = dict(checkpoint["state_dict"])
+        state["codec.gain"] = self.codec.gain.detach().clone()
+        load_state_checked(self, state, f"fixed-rate checkpoint {path}")
+        log.info("initialised the %s backbone from the fixed-rate %s", self.codec.arch, path)
