@@ -31,7 +31,7 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 from torch import Tensor
@@ -153,7 +153,7 @@ def _normal_from_hash(h: Tensor) -> Tensor:
     return left + frac * (right - left)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dim_hashes(block_size: int) -> Tensor:
     return _mix((torch.arange(block_size, dtype=torch.int64) * _GOLDEN + 1) & _MASK)
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from src.codecs.base import Codec, CodecOutput
 from src.errors import ConfigError
 from src.lightning_modules.rate_distortion import OptimizerFactory, RateDistortion
-from src.losses.rate_distortion import RDTerms, RateDistortionLoss
+from src.losses.rate_distortion import RateDistortionLoss, RDTerms
 
 LN2 = 0.6931471805599453
 
