@@ -30,7 +30,12 @@ def photo_batch(sample_root) -> torch.Tensor:
     return torch.stack([img[:, 100:164, 100:164], img[:, 300:364, 200:264]])
 
 
-@pytest.mark.parametrize("model", MODELS)
+# A lossless preset's loss is the pixels' code length (about 8 bits per dimension at the start):
+# 15 steps cannot cut it by 10 %. tests/test_irec.py trains it instead.
+LOSSY_MODELS = [m for m in MODELS if "lossless" not in m]
+
+
+@pytest.mark.parametrize("model", LOSSY_MODELS)
 def test_every_preset_lowers_its_loss_on_a_repeated_batch(compose_train, photo_batch, model):
     cfg = compose_train(f"model={model}", "lr_schedule=constant", "model.optimizer.lr=2e-3")
     pl.seed_everything(0)

@@ -139,6 +139,7 @@ class RecCodec(Codec):
             raise BitstreamError(f"{self.name} expects a latent shape (h, w), got {latent_shape}")
 
     # ---- reporting -----------------------------------------------------------------------------
+    @torch.no_grad()
     def coding_report(self, x: Tensor, encoded: Encoded) -> dict[str, float]:
         """KL of the coded samples, REC bits, their overhead over the KL, whole-file bits."""
         x_padded, _ = pad_to_multiple(x if x.dim() == 4 else x.unsqueeze(0), self.stride)
@@ -362,7 +363,7 @@ class IrecLossless(RecCodec):
     # ---- pixel coding ---------------------------------------------------------------------------
     def _pixel_coder(self) -> TableCoder:
         """Tables of the discretized logistic at every mean on a 1/16-pixel grid (cached)."""
-        key = float(self.log_scale)
+        key = float(self.log_scale.detach())
         if self._tables is None or self._tables[0] != key:
             means = torch.arange(255 * MEAN_STEPS + 1, dtype=torch.float64) / MEAN_STEPS
             v = torch.arange(256, dtype=torch.float64)
