@@ -43,7 +43,7 @@ MAX_CANDIDATES = 1 << 16
 MAX_BLOCK_SIZE = 1 << 20
 MAX_AUX_PER_BLOCK = 1 << 16
 HEADER = struct.Struct("<III")  # seed, candidates, block size
-CHUNK_ELEMENTS = 1 << 22  # encoder work per chunk of blocks (candidates x dimensions)
+CHUNK_ELEMENTS = 1 << 22  # encoder memory per chunk of blocks: (beams + candidates) x dims
 _MASK = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 _TABLE_BITS = 16
@@ -250,7 +250,7 @@ class RelativeEntropyCoder:
         kl_block = (kl * mask).sum(dim=1)
         n_aux = torch.ceil(kl_block / opts.kl_per_partition).clamp(1, MAX_AUX_PER_BLOCK).long()
         keys = self._block_keys(key, n_blocks)
-        per_block = opts.n_beams * self.candidates * length
+        per_block = (opts.n_beams + self.candidates) * length
         chunk = max(1, CHUNK_ELEMENTS // per_block)
         samples, paths = [], []
         for start in range(0, n_blocks, chunk):
