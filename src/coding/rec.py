@@ -68,6 +68,11 @@ class RecOptions:
     seed: int = 42
 
     def __post_init__(self) -> None:
+        for name in ("n_beams", "block_size", "seed"):  # options typed on a command line
+            value = getattr(self, name)
+            if int(value) != value:
+                raise ValueError(f"{name} must be an integer, got {value}")
+            object.__setattr__(self, name, int(value))
         if int(self.n_beams) < 1:
             raise ValueError(f"n_beams must be at least 1, got {self.n_beams}")
         if not self.kl_per_partition > 0:

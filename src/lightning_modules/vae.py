@@ -8,6 +8,7 @@ from being pushed below `free_bits` nats, which keeps deep hierarchies from coll
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
@@ -17,7 +18,7 @@ from src.errors import ConfigError
 from src.lightning_modules.rate_distortion import OptimizerFactory, RateDistortion
 from src.losses.rate_distortion import RateDistortionLoss, RDTerms
 
-LN2 = 0.6931471805599453
+LN2 = math.log(2)
 
 
 class ElboLoss:
