@@ -163,6 +163,9 @@ def test_lossless_round_trip_is_exact_and_reports_bits_per_dim(photo):
     fresh.load_state_dict(codec.state_dict())  # the decoder needs no coding options
     x_dec = fresh.decompress_bytes(data)
     assert torch.equal(x_dec * 255, torch.round(x * 255))
+    cut = replace(encoded, streams=[*encoded.streams[:-1], encoded.streams[-1][:-5]])
+    with pytest.raises(BitstreamError):
+        fresh.decompress(cut)
     report = codec.coding_report(x, encoded)
     assert report["bits_per_dim"] == pytest.approx(8 * len(data) / x[0].numel())
     # the pixel stream costs the ideal -log2 p(x | z) plus the table quantisation (< 3 %)

@@ -8,7 +8,7 @@ Two models share the coding machinery (`RecCodec`):
   prior. Trained on β·255²·MSE + KL bits per pixel.
 - `IrecLossless`: the bidirectional ResNet VAE (24 blocks at H/2, 32 latent channels each)
   with a discretized logistic pixel likelihood and one learned global scale. The pixels are coded
-  for real with rANS under that likelihood after the latents.
+  for real with rANS under that likelihood after the latents, behind a CRC32 of the image.
 
 `bits` in training is the analytic KL per latent group (plus the pixel NLL for the lossless
 model); compression runs `src.coding.rec`, whose real cost is KL plus a few percent.
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -382,8 +384,9 @@ class IrecLossless(RecCodec):
 
     def _compress_padded(self, x: Tensor) -> tuple[list[bytes], tuple[int, ...]]:
         streams, shape, mean = self._encode_latents(x)
-        coder = self._pixel_coder()
-        streams.append(coder.encode(_pixels(x).long().cpu(), self._table_index(mean).cpu()))
+        pixels = _pixels(x).long().cpu()
+        data = self._pixel_coder().encode(pixels, self._table_index(mean).cpu())
+        streams.append(struct.pack("<I", _pixel_check(pixels)) + data)
         return streams, shape
 
     def _decompress_padded(self, streams: list[bytes], latent_shape: tuple[int, ...]) -> Tensor:
@@ -392,7 +395,11 @@ class IrecLossless(RecCodec):
                 f"{self.name} needs {2 + self.num_groups} streams, got {len(streams)}"
             )
         mean, _ = self._decode_latents(streams, latent_shape)
-        pixels = self._pixel_coder().decode(streams[-1], self._table_index(mean).cpu())
+        if len(streams[-1]) < 4:
+            raise BitstreamError("truncated pixel stream")
+        pixels = self._pixel_coder().decode(streams[-1][4:], self._table_index(mean).cpu())
+        if _pixel_check(pixels) != struct.unpack("<I", streams[-1][:4])[0]:
+            raise BitstreamError("pixel stream does not decode to the coded image (corrupt)")
         return pixels.to(mean.device, torch.float32) / 255
 
     def _extra_report(self, x: Tensor, out: Tensor, encoded: Encoded) -> dict[str, float]:
@@ -403,6 +410,11 @@ class IrecLossless(RecCodec):
             "residual_bits": float(8 * len(encoded.streams[-1])),
             "bits_per_dim": 8 * len(self.pack(encoded)) / dims,
         }
+
+
+def _pixel_check(pixels: Tensor) -> int:
+    """CRC32 of 8-bit pixels: the decoder's proof the image came back exactly."""
+    return zlib.crc32(pixels.to(torch.uint8).contiguous().numpy().tobytes())
 
 
 def _pixels(x: Tensor) -> Tensor:
