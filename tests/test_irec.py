@@ -10,6 +10,7 @@ import hydra
 import pytest
 import torch
 
+from src.codecs.base import CodecOutput
 from src.codecs.irec import IrecLossless, IrecLossy
 from src.coding.container import BitstreamError
 from src.coding.rec import (
@@ -21,6 +22,7 @@ from src.coding.rec import (
 )
 from src.datamodules.images import decode_rgb
 from src.errors import ConfigError, LicError
+from src.lightning_modules.vae import ElboLoss
 from src.training import train
 
 LN2 = math.log(2)
@@ -216,3 +218,16 @@ def test_lmbda_is_an_alias_of_beta(compose_train):
     with pytest.raises(Exception, match="model.beta") as info:
         hydra.utils.instantiate(compose_train("model=irec_lossy", "model.lmbda=0.1").model)
     assert isinstance(info.value.__cause__ or info.value, ConfigError)
+
+
+def test_free_bits_charge_each_channel_at_least_the_allowance():
+    x = torch.zeros(2, 3, 4, 4)
+    kl = torch.tensor([[0.01, 5.0], [0.03, 7.0]], requires_grad=True)  # (batch, channel) nats
+    out = CodecOutput(x, {"z": kl.sum(1) / LN2}, {"kl_nats_per_channel": [kl]})
+    terms = ElboLoss(beta=0.0, free_bits=0.5)(x, out)
+    pixels = 2 * 16
+    # channel 0 (mean 0.02 nats) is charged 0.5 nats, channel 1 its own mean 6 nats, per image
+    assert float(terms.loss) == pytest.approx(2 * (0.5 + 6.0) / LN2 / pixels)
+    assert float(terms.bpp) == pytest.approx(float(kl.sum()) / LN2 / pixels)  # logged: the real KL
+    terms.loss.backward()
+    assert torch.all(kl.grad[:, 0] == 0) and torch.all(kl.grad[:, 1] > 0)
