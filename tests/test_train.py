@@ -33,8 +33,10 @@ def photo_batch(sample_root) -> torch.Tensor:
 # Presets that need other settings to learn one batch in 15 steps (LAMB moves each tensor by
 # lr·‖w‖ per step; small codebooks keep the step fast).
 FAST = {"mcquic": ["model.codec.codebook_sizes=[16,8,4]", "model.optimizer.lr=2e-2"]}
-# HiFIC needs a regime and LPIPS weights: tests/test_hific.py trains both of its stages.
-TRAINABLE = [m for m in MODELS if not m.startswith("hific")]
+# HiFIC needs a regime and LPIPS weights (tests/test_hific.py trains both of its stages); a
+# lossless preset's loss is the pixels' code length, which 15 steps cannot cut by 10 %
+# (tests/test_qres_vae.py and tests/test_irec.py train those).
+TRAINABLE = [m for m in MODELS if not m.startswith("hific") and "lossless" not in m]
 
 
 @pytest.mark.parametrize("model", TRAINABLE)
@@ -57,9 +59,7 @@ def test_every_preset_lowers_its_loss_on_a_repeated_batch(compose_train, photo_b
     trainer.fit(module, DataLoader([photo_batch] * 15, batch_size=None))
     assert trainer.global_step == 15  # the auxiliary step does not count as a training step
     first, last = sum(recorder.losses[:3]) / 3, sum(recorder.losses[-3:]) / 3
-    # A lossless model's loss is its whole code length (~10 bits/dim at the start): it falls by
-    # a few percent in 15 steps, not by a tenth.
-    assert last < (0.99 if model.endswith("_lossless") else 0.9) * first, recorder.losses
+    assert last < 0.9 * first, recorder.losses
 
 
 def test_default_run_writes_best_and_last_coding_ready_checkpoints(compose_train, tmp_path, capsys):
