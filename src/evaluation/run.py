@@ -85,7 +85,7 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     datamodule.prepare_data()
     datamodule.setup("test")
     images = list(datamodule.test_dataloader())
-    names = [p.name for p in datamodule.val_paths]
+    names = datamodule.test_names
     out_dir = Path(cfg.paths.output_dir)
     console = Console()
     jpeg = [pillow_codec_curve(x, "JPEG") for x in track(images, description="JPEG ladder")]
