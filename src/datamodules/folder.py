@@ -46,7 +46,7 @@ class ImageFolderDataModule(CropDataModule):
         return find_splits(self.root, self.val_fraction)
 
 
-class TestImagesDataModule(CropDataModule):
+class EvaluationFolderDataModule(CropDataModule):
     """Every image under `root` is a test (and validation) image; there is no training split.
 
     Kodak is one: `python evaluate.py ckpt=... data=kodak`, or validate a training run on it with

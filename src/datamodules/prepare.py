@@ -115,6 +115,11 @@ def _is_image(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def _content_bytes(get: Callable[[], Payload]) -> bytes:
+    content = get()
+    return content.read_bytes() if isinstance(content, Path) else content
+
+
 # -- the preparers --------------------------------------------------------------------------
 
 
@@ -167,13 +172,12 @@ _CELEBA_LAST_TRAIN, _CELEBA_LAST_VAL = 162770, 182637
 _CELEBA_SPLITS = {"0": "train", "1": "val", "2": "test"}
 
 
-def _celeba_partition(opts: Options, members: dict[str, Callable]) -> dict[str, str]:
-    """Image file name -> split, from list_eval_partition.txt where it is found."""
+def _celeba_partition(opts: Options) -> dict[str, str]:
+    """Image file name -> split, from list_eval_partition.txt in the download or beside it."""
     text = None
-    for name, get in members.items():
+    for name, get in read_download(opts.download):
         if PurePosixPath(name).name == "list_eval_partition.txt":
-            content = get()
-            text = content.read_text() if isinstance(content, Path) else content.decode()
+            text = _content_bytes(get).decode()
     beside = opts.download.parent / "list_eval_partition.txt"
     if text is None and beside.is_file():
         text = beside.read_text()
@@ -194,15 +198,13 @@ def prepare_celeba(opts: Options) -> dict[str, BuildReport]:
     """CelebA's img_align_celeba as 64 x 64 faces in OUT/{train,val,test}."""
     if not (opts.download.is_dir() or zipfile.is_zipfile(opts.download)):
         raise DataError(f"{opts.download}: give CelebA's img_align_celeba folder or its zip")
-    members = dict(read_download(opts.download))  # zip or folder: listing is cheap
-    partition = _celeba_partition(opts, members)
-    items = []
-    for name, get in members.items():
-        if not _is_image(name):
-            continue
-        file = PurePosixPath(name).name
-        split = opts.split or partition.get(file) or _celeba_default_split(file)
-        items.append((split, file, get))
+    partition = _celeba_partition(opts)  # a zip or folder: reading it twice is cheap
+    items = (
+        (opts.split or partition.get(file) or _celeba_default_split(file), file, get)
+        for name, get in read_download(opts.download)
+        if _is_image(name)
+        for file in [PurePosixPath(name).name]
+    )
     return _build(items, opts, transform=celeba_face_64)
 
 
@@ -244,11 +246,6 @@ _BATCH_SPLITS = (
     (re.compile(r"^(data_batch_\d+|train_data_batch_\d+)(\.npz)?$"), "train"),
     (re.compile(r"^(test_batch|val_data)(\.npz)?$"), "val"),
 )
-
-
-def _content_bytes(get: Callable[[], Payload]) -> bytes:
-    content = get()
-    return content.read_bytes() if isinstance(content, Path) else content
 
 
 def prepare_batches(opts: Options) -> dict[str, BuildReport]:
