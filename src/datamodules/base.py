@@ -123,6 +123,7 @@ class CropDataModule(pl.LightningDataModule):
         self.test_set: FullImageDataset | None = None
         self.stats: dict[str, int] = {}
         self._splits_cache: tuple | None = None
+        self._val_ready = False
 
     # -- where the images are -------------------------------------------------------------
 
@@ -148,8 +149,9 @@ class CropDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Validation/test images for every stage; the training set only to fit."""
-        if self.test_set is None:
+        if not self._val_ready:
             self._setup_val()
+            self._val_ready = True
         if stage in (None, "fit") and self.train_set is None:
             self._setup_train()
 
