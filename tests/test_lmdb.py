@@ -218,6 +218,8 @@ def test_seeded_workers_repeat_their_crops(photos, tmp_path):
 
     first = epoch(0)
     assert torch.equal(first, epoch(0)) and not torch.equal(first, epoch(1))
+    dataset[0]  # the main process holds the database open too now: workers must still open it
+    assert epoch(0).shape == first.shape
 
 
 def test_an_image_that_fails_while_training_is_replaced_and_logged(tmp_path, caplog):

@@ -357,6 +357,16 @@ def _reader(path: Path) -> tuple[lmdb.Environment, object]:
     return _READERS[key]
 
 
+def _drop_inherited_readers() -> None:
+    """In a forked child: close the parent's handles (unused here, and LMDB refuses to open a
+    database a second time in a process that still holds one)."""
+    for key in [k for k in _READERS if k[0] != os.getpid()]:
+        _READERS.pop(key)[0].close()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_readers)
+
+
 def close_reader(path: Path) -> None:
     """Close this process's read-only handle on a database, if any (before writing to it)."""
     reader = _READERS.pop((os.getpid(), Path(path).resolve()), None)
