@@ -81,7 +81,9 @@ def _open(source: ImageInput, max_pixels: int, label: str) -> Image.Image:
     return img
 
 
-def image_size(source: ImageInput, name: str | None = None, max_pixels: int = MAX_PIXELS):
+def image_size(
+    source: ImageInput, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """(width, height) of the upright image from its header alone (no pixel is decoded)."""
     label = _label(source, name)
     with _open(source, max_pixels, label) as img:

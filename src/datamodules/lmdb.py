@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import statistics
 import sys
@@ -149,7 +150,9 @@ def worker_pool(workers: int) -> contextlib.AbstractContextManager:
     return multiprocessing.get_context("fork").Pool(workers)
 
 
-def bounded_map(fn: Callable, tasks: Iterable, pool, window: int = 64) -> Iterator:
+def bounded_map(
+    fn: Callable, tasks: Iterable, pool: multiprocessing.pool.Pool | None, window: int = 64
+) -> Iterator:
     """`fn` over `tasks` in order on `pool` (inline if None), reading ahead at most `window`
     tasks so a huge task stream (a tar of a million images) never fills memory."""
     if pool is None:
