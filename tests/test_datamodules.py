@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from src.datamodules.folder import ImageFolderDataModule, split_folder
+from src.datamodules.folder import ImageFolderDataModule, find_splits
 from src.datamodules.images import decode_rgb
 from src.datamodules.sample import SAMPLE_PHOTOS, gather_sample_photos
 from src.errors import DataError
@@ -36,9 +36,9 @@ def test_sample_set_is_gathered_once_into_train_and_val(tmp_path):
 def test_flat_folder_is_split_by_name_deterministically(tmp_path):
     for i in range(30):
         _photo(tmp_path / f"img{i:02d}.png")
-    train, val = split_folder(tmp_path, 0.2)
-    assert val and len(train) + len(val) == 30 and not set(train) & set(val)
-    assert split_folder(tmp_path, 0.2) == (train, val)
+    source, train, _, val = find_splits(tmp_path, 0.2)
+    assert len(source) == 30 and val and len(train) + len(val) == 30 and not set(train) & set(val)
+    assert find_splits(tmp_path, 0.2)[1::2] == (train, val)
 
 
 def test_odd_images_decode_to_rgb(tmp_path):

@@ -1,1 +1,1 @@
-"""DataModules: image folders, the built-in sample photos (LMDB in a later step)."""
+"""DataModules: image folders, LMDB databases, test-only sets and the built-in sample photos."""

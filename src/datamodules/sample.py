@@ -61,7 +61,13 @@ def gather_sample_photos(root: str | Path) -> Path:
 
 
 class SampleDataModule(ImageFolderDataModule):
-    """The image-folder DataModule over the built-in sample photos (gathered on first use)."""
+    """The image-folder DataModule over the built-in sample photos (gathered on first use).
+
+    Twelve photos: they are decoded once and held in memory (`cache=True`) by default.
+    """
+
+    def __init__(self, root: str, cache: bool = True, **kwargs) -> None:
+        super().__init__(root, cache=cache, **kwargs)
 
     def prepare_data(self) -> None:
         gather_sample_photos(self.root)

@@ -181,7 +181,7 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     datamodule.prepare_data()
     datamodule.setup("test")
     images = list(datamodule.test_dataloader())
-    names = [p.name for p in datamodule.val_paths]
+    names = datamodule.test_names
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     console = Console()

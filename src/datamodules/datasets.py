@@ -1,0 +1,207 @@
+"""Image sources (a folder, an LMDB database, images held in memory) and the crop datasets.
+
+A source is a list of named images that decode on demand; the datasets pick indices of a source
+and turn them into training crops, validation centre crops or whole test images.
+
+Randomness: training crops and flips come from a generator each process seeds on first use from
+the DataLoader's per-worker seed (torch derives it from the global seed, so `seed=` fixes the
+crops) and the DDP rank (so ranks crop differently even with `num_workers=0`). The crops depend
+on nothing else: a folder and the LMDB built from it give the same crops in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import Dataset, get_worker_info
+
+from src.datamodules.images import decode_rgb, image_size, list_images, pad_to_at_least
+from src.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Size = tuple[int, int]  # (width, height) of the upright image
+
+
+class ImageSource:
+    """Named images that decode on demand. Subclasses set `names` and implement the methods."""
+
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, index: int) -> Tensor:
+        """The decoded (3, H, W) uint8 image; `DataError` if it cannot be decoded."""
+        raise NotImplementedError
+
+    def sizes(self, indices: Sequence[int]) -> list[Size | None]:
+        """Sizes of the given images without decoding their pixels; None where unreadable."""
+        raise NotImplementedError
+
+
+class FolderSource(ImageSource):
+    """Every image file under a folder, named by relative path."""
+
+    def __init__(self, root: str | Path, paths: Sequence[Path] | None = None) -> None:
+        self.root = Path(root)
+        self.paths = list(paths) if paths is not None else list_images(self.root)
+        self.names = [p.relative_to(self.root).as_posix() for p in self.paths]
+
+    def load(self, index: int) -> Tensor:
+        return decode_rgb(self.paths[index])
+
+    def sizes(self, indices: Sequence[int]) -> list[Size | None]:
+        found: list[Size | None] = []
+        for i in indices:
+            try:
+                found.append(image_size(self.paths[i]))
+            except DataError as err:
+                log.warning("skipped unreadable image: %s", err)
+                found.append(None)
+        return found
+
+
+class MemorySource(ImageSource):
+    """Another source's images decoded once and held in memory (small sets: no decode per crop)."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
+        self.names, self.images = [], []
+        for i in indices:
+            try:
+                self.images.append(source.load(i))
+                self.names.append(source.names[i])
+            except DataError as err:
+                log.warning("skipped unreadable image: %s", err)
+
+    def load(self, index: int) -> Tensor:
+        return self.images[index]
+
+    def sizes(self, indices: Sequence[int]) -> list[Size | None]:
+        return [(self.images[i].shape[-1], self.images[i].shape[-2]) for i in indices]
+
+
+def open_source(path: str | Path) -> ImageSource:
+    """An LMDB database (a folder holding `data.mdb`) or else a folder of image files."""
+    path = Path(path)
+    if (path / "data.mdb").is_file():
+        from src.datamodules.lmdb import LmdbSource
+
+        return LmdbSource(path)
+    return FolderSource(path)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _Subset(Dataset):
+    """Indices into a source, with a fallback to the next image when one fails to decode."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
+        if not len(indices):
+            raise DataError("no images to read")
+        self.source = source
+        self.indices = list(indices)
+        self._failed: set[int] = set()
+
+    def _load(self, position: int) -> tuple[int, Tensor]:
+        """Decode the image at `position`, or the next one that decodes (logged once each)."""
+        for step in range(len(self.indices)):
+            pos = (position + step) % len(self.indices)
+            try:
+                return pos, self.source.load(self.indices[pos])
+            except DataError as err:
+                if pos not in self._failed:
+                    self._failed.add(pos)
+                    log.warning("unreadable image replaced by the next one: %s", err)
+        raise DataError("none of the images could be decoded")
+
+    @property
+    def names(self) -> list[str]:
+        return [self.source.names[i] for i in self.indices]
+
+
+class RandomCropDataset(_Subset):
+    """Random `crop`-sized crops with horizontal flips, `repeat` per image per epoch.
+
+    Images smaller than the crop are padded (reflection) up to it; drop them beforehand to skip
+    them instead (see `CropDataModule`'s `small_images`).
+    """
+
+    def __init__(
+        self, source: ImageSource, indices: Sequence[int], crop: int, repeat: int = 1
+    ) -> None:
+        super().__init__(source, indices)
+        self.crop = crop
+        self.repeat = max(1, int(repeat))
+        self._rng: random.Random | None = None
+        self._rng_owner: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices) * self.repeat
+
+    def generator(self) -> random.Random:
+        """This process's crop generator, seeded on first use (see the module docstring)."""
+        info = get_worker_info()
+        owner = (os.getpid(), info.id if info is not None else -1)
+        if self._rng is None or self._rng_owner != owner:
+            seed = info.seed if info is not None else torch.initial_seed()
+            self._rng = random.Random(f"crops-{seed}-{_rank()}")
+            self._rng_owner = owner
+        return self._rng
+
+    def __getitem__(self, index: int) -> Tensor:
+        _, img = self._load(index % len(self.indices))
+        img = pad_to_at_least(img, self.crop)
+        rng = self.generator()
+        h, w = img.shape[-2:]
+        top = rng.randint(0, h - self.crop)
+        left = rng.randint(0, w - self.crop)
+        patch = img[:, top : top + self.crop, left : left + self.crop]
+        if rng.random() < 0.5:
+            patch = patch.flip(-1)
+        return patch.float().div_(255)
+
+
+def center_crop(img: Tensor, crop: int) -> Tensor:
+    """The `crop` x `crop` centre of an image, padded first if it is smaller."""
+    img = pad_to_at_least(img, crop)
+    h, w = img.shape[-2:]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return img[:, top : top + crop, left : left + crop]
+
+
+class CenterCropDataset(_Subset):
+    """Fixed centre crops (validation: the same pixels every time, batchable)."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int], crop: int) -> None:
+        super().__init__(source, indices)
+        self.crop = crop
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Tensor:
+        _, img = self._load(index)
+        return center_crop(img, self.crop).float().div(255)
+
+
+class FullImageDataset(_Subset):
+    """Whole images at their own size, for testing at batch 1 (the codec pads them).
+
+    A test image that cannot be decoded is an error, never silently replaced.
+    """
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.source.load(self.indices[index]).float().div(255)
