@@ -29,9 +29,9 @@ from compressai.layers import GDN
 from torch import Tensor, nn
 
 from src.codecs.base import Codec, CodecOutput, Encoded, pad_to_multiple
+from src.coding.categorical import CategoricalCoder
 from src.coding.container import BitstreamError
 from src.coding.rec import RecCode, RecOptions, RelativeEntropyCoder
-from src.coding.table_coder import TableCoder
 from src.errors import LicError
 
 Gaussian = tuple[Tensor, Tensor]  # mean, standard deviation
@@ -319,7 +319,7 @@ class IrecLossless(RecCodec):
         self.h_top = nn.Parameter(torch.zeros(1, N, 1, 1))
         self.head = nn.ConvTranspose2d(N, 3, 5, stride=2, padding=2, output_padding=1)
         self.log_scale = nn.Parameter(torch.zeros(1))
-        self._tables: tuple[float, TableCoder] | None = None
+        self._tables: tuple[float, CategoricalCoder] | None = None
 
     def _latent_shape(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[-2] // 2, x.shape[-1] // 2)
@@ -363,7 +363,7 @@ class IrecLossless(RecCodec):
         return torch.log((upper - lower).clamp_min(1e-12))
 
     # ---- pixel coding ---------------------------------------------------------------------------
-    def _pixel_coder(self) -> TableCoder:
+    def _pixel_coder(self) -> CategoricalCoder:
         """Tables of the discretized logistic at every mean on a 1/16-pixel grid (cached)."""
         key = float(self.log_scale.detach())
         if self._tables is None or self._tables[0] != key:
@@ -373,7 +373,7 @@ class IrecLossless(RecCodec):
             upper = torch.sigmoid((v + 1 - means[:, None] - 0.5) / s)
             lower = torch.sigmoid((v - means[:, None] - 0.5) / s)
             upper[:, -1], lower[:, 0] = 1.0, 0.0
-            self._tables = (key, TableCoder(upper - lower))
+            self._tables = (key, CategoricalCoder.from_probabilities(upper - lower))
         return self._tables[1]
 
     @staticmethod
