@@ -15,7 +15,6 @@ from pytorch_lightning.utilities import rank_zero_info
 from src.errors import ConfigError
 from src.utils.checkpoints import (
     interrupted_checkpoints,
-    load_weights,
     newest_last_checkpoint,
     newest_state,
     read_checkpoint,
@@ -88,12 +87,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
     if cfg.ckpt:
-        # A recipe may warm-start from checkpoints other than its own (QVRF from a fixed rate).
-        warm_start = getattr(model, "init_weights_from", None)
-        if warm_start is not None:
-            warm_start(cfg.ckpt)
-        else:
-            load_weights(model, cfg.ckpt)
+        model.init_weights_from(cfg.ckpt)
         log.info("initialised weights from %s", cfg.ckpt)
     ckpt_path = resume_checkpoint(cfg)
 

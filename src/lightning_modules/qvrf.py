@@ -31,7 +31,7 @@ from src.coding.container import Rate
 from src.errors import ConfigError
 from src.evaluation.metrics import psnr
 from src.lightning_modules.rate_distortion import OptimizerFactory, RateDistortion
-from src.utils.checkpoints import load_state_checked, load_weights, read_checkpoint
+from src.utils.checkpoints import load_checkpoint_weights, load_state_checked, read_checkpoint
 from src.utils.image_logging import log_reconstructions
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Qvrf(RateDistortion):
         their initial values √(λ_s / λ_0)."""
         checkpoint = read_checkpoint(path)
         if checkpoint.get("codec_name") != self.codec.arch:
-            load_weights(self, path)
+            load_checkpoint_weights(self, checkpoint, f"checkpoint {path}")
             return
         state = dict(checkpoint["state_dict"])
         state["codec.gain"] = self.codec.gain.detach().clone()

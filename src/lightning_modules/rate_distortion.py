@@ -10,6 +10,7 @@ what a user expects.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,6 +23,7 @@ from src.codecs.base import Codec, CodecOutput
 from src.errors import ConfigError
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
 from src.losses.rate_distortion import RateDistortionLoss
+from src.utils.checkpoints import load_weights
 from src.utils.image_logging import log_reconstructions
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -108,6 +110,15 @@ class RateDistortion(pl.LightningModule):
             "monitor": self.hparams.scheduler_monitor,
         }
         return optimizers, [scheduler]
+
+    # State-dict prefixes a warm start (`ckpt=`) may lack: parts this recipe adds to an earlier
+    # stage's model, which keep their initialisation (HiFIC's discriminator).
+    starts_fresh: tuple[str, ...] = ()
+
+    def init_weights_from(self, path: str | Path) -> None:
+        """`ckpt=`: initialise the weights from a checkpoint (the optimiser and step start
+        afresh). Recipes that warm-start from another kind of checkpoint override this."""
+        load_weights(self, path)
 
     def main_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters the main optimiser may train (all of them here; a recipe with a part of

@@ -25,29 +25,29 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> dict:
-    """Initialise `module`'s weights from a checkpoint; the optimiser and step start afresh.
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    """Initialise `module`'s weights from a checkpoint; the optimiser and step start afresh."""
+    load_checkpoint_weights(module, read_checkpoint(path), f"checkpoint {path}")
+
+
+def load_checkpoint_weights(module: nn.Module, checkpoint: dict, source: str) -> None:
+    """Load an already read checkpoint's weights into `module`.
 
     A checkpoint of another codec (other names or shapes) is refused with the keys that differ.
-    Returns the checkpoint dict for callers that need more of it.
     """
-    checkpoint = read_checkpoint(path)
     codec_name = checkpoint.get("codec_name")
     expected = getattr(getattr(module, "codec", None), "name", None)
     if codec_name and expected and codec_name != expected:
-        raise CheckpointError(
-            f"checkpoint {path} holds a {codec_name} codec, this run builds {expected}"
-        )
-    load_state_checked(module, checkpoint["state_dict"], f"checkpoint {path}", strict)
-    return checkpoint
+        raise CheckpointError(f"{source} holds a {codec_name} codec, this run builds {expected}")
+    load_state_checked(module, checkpoint["state_dict"], source)
 
 
-def load_state_checked(module: nn.Module, state: dict, source: str, strict: bool = True) -> None:
+def load_state_checked(module: nn.Module, state: dict, source: str) -> None:
     """Load `state` into `module`, refusing (with the keys that differ) a state of another shape.
 
     `source` names where the state came from in the error. Recipes that warm-start from a
     related model (QVRF from a fixed-rate one) adapt the state first and load it through here.
-    Keys under the prefixes in `module.starts_fresh` (e.g. HiFIC's discriminator, absent from its
+    Keys under the recipe's `starts_fresh` prefixes (e.g. HiFIC's discriminator, absent from its
     rate-distortion stage) may be missing or extra: those parts keep their initialisation.
     """
     fresh = tuple(getattr(module, "starts_fresh", ()))
@@ -61,19 +61,18 @@ def load_state_checked(module: nn.Module, state: dict, source: str, strict: bool
     ]
     missing = [k for k in own if k not in state and not k.startswith(fresh)]
     unexpected = [k for k in state if k not in own and not k.startswith(fresh)]
-    if shape_diff or (strict and (missing or unexpected)):
+    if shape_diff or missing or unexpected:
         details = "; ".join(
             part
             for part in (
                 f"different shapes: {', '.join(shape_diff[:3])}" if shape_diff else "",
-                f"missing: {', '.join(missing[:3])}" if strict and missing else "",
-                f"unexpected: {', '.join(unexpected[:3])}" if strict and unexpected else "",
+                f"missing: {', '.join(missing[:3])}" if missing else "",
+                f"unexpected: {', '.join(unexpected[:3])}" if unexpected else "",
             )
             if part
         )
         raise CheckpointError(f"{source} does not fit this codec ({details})")
-    state = {k: v for k, v in state.items() if k in own}
-    module.load_state_dict(state, strict=strict and not fresh)
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=not fresh)
 
 
 # Lightning's name for the checkpoint a requeued SLURM job restores: hpc_ckpt_<n>.ckpt in the
