@@ -81,6 +81,19 @@ def pad_to_multiple(x: Tensor, stride: int) -> tuple[Tensor, tuple[int, int, int
     return F.pad(x, padding, mode=mode), padding
 
 
+def tile_regions(size: tuple[int, int], tile: int | None) -> list[tuple[slice, slice]]:
+    """The (rows, cols) slices a `size` image is coded in, raster order: one region when `tile`
+    is None or the image fits in one tile."""
+    h, w = size
+    if tile is None or (h <= tile and w <= tile):
+        return [(slice(0, h), slice(0, w))]
+    return [
+        (slice(top, min(top + tile, h)), slice(left, min(left + tile, w)))
+        for top in range(0, h, tile)
+        for left in range(0, w, tile)
+    ]
+
+
 def crop_to(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Crop (B, C, H', W') back to the top-left (H, W)."""
     h, w = size
@@ -205,15 +218,15 @@ class Codec(nn.Module):
         if x.dim() == 3:
             x = x.unsqueeze(0)
         h, w = x.shape[-2:]
-        if tile is None or (h <= tile and w <= tile):
+        regions = tile_regions((h, w), tile)
+        if len(regions) == 1:
             return self.pack(self.compress(x, rate))
         if tile <= 0 or tile % self.stride:
             raise LicError(f"tile side must be a positive multiple of {self.stride}, got {tile}")
         records = []
-        for top in range(0, h, tile):
-            for left in range(0, w, tile):
-                encoded = self.compress(x[..., top : top + tile, left : left + tile], rate)
-                records.append(pack_tile(encoded.latent_shape, encoded.streams))
+        for rows, cols in regions:
+            encoded = self.compress(x[..., rows, cols], rate)
+            records.append(pack_tile(encoded.latent_shape, encoded.streams))
         container = Container(
             codec_name=self.name,
             fingerprint=self.fingerprint(),
@@ -254,15 +267,12 @@ class Codec(nn.Module):
             )
             return self.decompress(encoded, levels)
         h, w = container.image_size
-        t = container.tile
         x_hat = torch.empty(1, 3, h, w, device=next(self.parameters()).device)
-        records = iter(container.streams)
-        for top in range(0, h, t):
-            for left in range(0, w, t):
-                shape, streams = unpack_tile(next(records))
-                size = (min(t, h - top), min(t, w - left))
-                tile_hat = self.decompress(Encoded(streams, shape, size, container.rate), levels)
-                x_hat[..., top : top + size[0], left : left + size[1]] = tile_hat
+        for (rows, cols), record in zip(tile_regions((h, w), container.tile), container.streams):
+            shape, streams = unpack_tile(record)
+            size = (rows.stop - rows.start, cols.stop - cols.start)
+            encoded = Encoded(streams, shape, size, container.rate)
+            x_hat[..., rows, cols] = self.decompress(encoded, levels)
         return x_hat
 
     def prepare_for_coding(self) -> None:

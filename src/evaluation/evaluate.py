@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.codecs.base import Codec
+from src.codecs.base import Codec, tile_regions
 from src.coding.container import Rate
 from src.evaluation.baselines import BaselinePoint, quality_at_rate, rate_at_quality
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
@@ -52,18 +52,6 @@ class ImageResult:
         return row
 
 
-def tiles(x: Tensor, tile: int | None) -> list[tuple[slice, slice]]:
-    """The (rows, cols) slices `compress_to_bytes(tile=...)` codes separately; one when whole."""
-    h, w = x.shape[-2:]
-    if tile is None or (h <= tile and w <= tile):
-        return [(slice(0, h), slice(0, w))]
-    return [
-        (slice(top, top + tile), slice(left, left + tile))
-        for top in range(0, h, tile)
-        for left in range(0, w, tile)
-    ]
-
-
 @torch.no_grad()
 def evaluate_image(
     codec: Codec,
@@ -78,7 +66,7 @@ def evaluate_image(
     `tile`) and measure it against its JPEG curve at the same rate; `perceptual(x, x_hat)` adds
     figures such as LPIPS."""
     h, w = x.shape[-2:]
-    regions = tiles(x, tile)
+    regions = tile_regions((h, w), tile)
     start = time.perf_counter()
     if len(regions) == 1:
         encoded = codec.compress(x, rate)
