@@ -161,13 +161,14 @@ class CropDataModule(pl.LightningDataModule):
             log.info("%s: no validation images", self.location)
             return
         indices = evenly_spaced(indices, self.val_max_images)
-        sizes = source.sizes(indices)
-        indices = [i for i, s in zip(indices, sizes) if s is not None]
-        if not indices:
-            raise DataError(f"none of the validation images of {self.location} can be read")
-        if self.cache:
+        if self.cache:  # decoding leaves out the unreadable images: no header pass first
             source = MemorySource(source, indices)
             indices = list(range(len(source)))
+        else:
+            sizes = source.sizes(indices)
+            indices = [i for i, s in zip(indices, sizes) if s is not None]
+        if not indices:
+            raise DataError(f"none of the validation images of {self.location} can be read")
         self.val_set = CenterCropDataset(source, indices, self.val_crop)
         self.test_set = FullImageDataset(source, indices)
 

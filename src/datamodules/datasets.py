@@ -112,12 +112,12 @@ class _Subset(Dataset):
         self.indices = list(indices)
         self._failed: set[int] = set()
 
-    def _load(self, position: int) -> tuple[int, Tensor]:
+    def _load(self, position: int) -> Tensor:
         """Decode the image at `position`, or the next one that decodes (logged once each)."""
         for step in range(len(self.indices)):
             pos = (position + step) % len(self.indices)
             try:
-                return pos, self.source.load(self.indices[pos])
+                return self.source.load(self.indices[pos])
             except DataError as err:
                 if pos not in self._failed:
                     self._failed.add(pos)
@@ -159,7 +159,7 @@ class RandomCropDataset(_Subset):
         return self._rng
 
     def __getitem__(self, index: int) -> Tensor:
-        _, img = self._load(index % len(self.indices))
+        img = self._load(index % len(self.indices))
         img = pad_to_at_least(img, self.crop)
         rng = self.generator()
         h, w = img.shape[-2:]
@@ -190,7 +190,7 @@ class CenterCropDataset(_Subset):
         return len(self.indices)
 
     def __getitem__(self, index: int) -> Tensor:
-        _, img = self._load(index)
+        img = self._load(index)
         return center_crop(img, self.crop).float().div(255)
 
 

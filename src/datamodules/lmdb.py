@@ -49,9 +49,8 @@ from rich.progress import (
 )
 from torch import Tensor
 
-from src.datamodules.base import CropDataModule
 from src.datamodules.datasets import ImageSource, Size
-from src.datamodules.folder import find_splits
+from src.datamodules.folder import ImageFolderDataModule
 from src.datamodules.images import IMAGE_SUFFIXES, MAX_PIXELS, decode_rgb, list_images, open_rgb
 from src.errors import ConfigError, DataError
 
@@ -403,30 +402,26 @@ class LmdbSource(ImageSource):
         return [self._sizes[i] for i in indices]
 
 
-class LmdbDataModule(CropDataModule):
+class LmdbDataModule(ImageFolderDataModule):
     """Random crops + flips from LMDB databases (arguments: `CropDataModule`'s + `path`).
 
     `path` is one database (split into train and validation by a hash of the keys) or a folder
     holding `train` and `val` (or `valid`, `validation`, `test`) databases, as the preparers
-    write them.
+    write them. It reads like a folder (`find_splits` opens databases too); this class only
+    insists that the databases are there.
     """
 
     def __init__(self, path: str, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.path = Path(path)
-
-    @property
-    def location(self) -> str:
-        return str(self.path)
+        super().__init__(root=path, **kwargs)
 
     def _splits(self) -> tuple[ImageSource, list[int], ImageSource | None, list[int]]:
-        if not (is_lmdb(self.path) or is_lmdb(self.path / "train")):
+        if not (is_lmdb(self.root) or is_lmdb(self.root / "train")):
             raise DataError(
-                f"no LMDB database at {self.path} (nor at {self.path / 'train'}): build one with "
-                f"`python -m src.datamodules.lmdb build IMAGES {self.path}` or a preparer "
+                f"no LMDB database at {self.root} (nor at {self.root / 'train'}): build one with "
+                f"`python -m src.datamodules.lmdb build IMAGES {self.root}` or a preparer "
                 "(`python -m src.datamodules.prepare NAME DOWNLOAD`)"
             )
-        return find_splits(self.path, self.val_fraction)
+        return super()._splits()
 
 
 # -- verify / info --------------------------------------------------------------------------
