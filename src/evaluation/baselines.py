@@ -65,9 +65,8 @@ class ClassicalCodec:
     def available(self) -> bool:
         """Whether this machine can run it (Pillow built with the format, or the tools on PATH)."""
         if self.pillow_format is not None:
-            return self.pillow_format.upper() in Image.registered_extensions().values() and (
-                self.pillow_format.upper() in Image.SAVE
-            )
+            Image.init()  # load every plug-in, so SAVE lists all the formats this build writes
+            return self.pillow_format.upper() in Image.SAVE
         return all(shutil.which(c) for c in self.commands or ())
 
     def description(self) -> str:
