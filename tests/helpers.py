@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,24 @@ def run_script(script: str, args: list[str], timeout: int = 300) -> subprocess.C
         text=True,
         timeout=timeout,
     )
+
+
+def fit_on_repeated_batch(
+    module: pl.LightningModule, batch: torch.Tensor, max_steps: int, repeats: int, callback
+) -> pl.Trainer:
+    """Train `module` on the CPU for `max_steps` on `batch` repeated `repeats` times, with no
+    logger, checkpoint, progress bar or summary; returns the finished trainer."""
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        accelerator="cpu",
+    )
+    trainer.fit(module, DataLoader([batch] * repeats, batch_size=None))
+    return trainer
 
 
 class DieAtStep(pl.Callback):

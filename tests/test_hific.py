@@ -9,7 +9,6 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from src.codecs.hific import HificCodec
 from src.codecs.loading import load_codec
@@ -21,7 +20,7 @@ from src.losses.target_rate import TargetRate
 from src.training import train
 from src.utils.checkpoints import load_weights, read_checkpoint
 from tests.conftest import compose_config
-from tests.helpers import run_script
+from tests.helpers import fit_on_repeated_batch, run_script
 
 # Tiny widths, 64 px crops, random LPIPS (test-only), two generator steps.
 TINY_HIFIC = [
@@ -192,16 +191,7 @@ def test_each_optimiser_updates_only_its_parameters_with_d_steps_per_g_step(tmp_
     module = hydra.utils.instantiate(cfg.model)
     batch = torch.rand(2, 3, 64, 64)
     recorder = RecordUpdates()
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-        accelerator="cpu",
-    )
-    trainer.fit(module, DataLoader([batch] * 8, batch_size=None))
+    trainer = fit_on_repeated_batch(module, batch, max_steps=2, repeats=8, callback=recorder)
     assert len(trainer.optimizers) == 3
     assert trainer.global_step == 2  # generator steps only
     d_turn, g_turn = {"discriminator"}, {"transforms", "density", "quantiles"}

@@ -216,14 +216,17 @@ class HificCodec(Codec):
         # The generator sees the mean-offset rounded latent, straight-through in training.
         y_hat = quantize_ste(y - means) + means
         x_hat = self._decode(y_hat)
-        with torch.no_grad():  # the rates of the rounded latents: what a coder would spend
-            _, q_y = self.gaussian_conditional(y, scales, means=means, training=False)
-            _, q_z = self.entropy_bottleneck(z, training=False)
         bits = {
             "y": bits_from_likelihoods(y_likelihoods),
             "z": bits_from_likelihoods(z_likelihoods),
         }
-        quantized_bits = bits_from_likelihoods(q_y) + bits_from_likelihoods(q_z)
+        if self.training:
+            with torch.no_grad():  # the rates of the rounded latents: what a coder would spend
+                _, q_y = self.gaussian_conditional(y, scales, means=means, training=False)
+                _, q_z = self.entropy_bottleneck(z, training=False)
+            quantized_bits = bits_from_likelihoods(q_y) + bits_from_likelihoods(q_z)
+        else:  # eval already rated the rounded latents
+            quantized_bits = (bits["y"] + bits["z"]).detach()
         return CodecOutput(
             x_hat=x_hat, bits=bits, extras={"y_hat": y_hat, "quantized_bits": quantized_bits}
         )

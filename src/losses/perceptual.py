@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from src.errors import ConfigError
 
 RANDOM = "random"
+TORCHVISION_MODELS = "https://download.pytorch.org/models/"
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,12 @@ class _Trunk:
     build: str
     taps: tuple[int, ...]  # index (exclusive) of the ReLU ending each of the five slices
     channels: tuple[int, ...]
-    trunk_file: str
-    trunk_url: str
+    trunk_file: str  # torchvision's file name, also the last part of its download address
     heads_file: str
+
+    @property
+    def trunk_url(self) -> str:
+        return TORCHVISION_MODELS + self.trunk_file
 
 
 TRUNKS = {
@@ -42,7 +46,6 @@ TRUNKS = {
         taps=(2, 5, 8, 10, 12),
         channels=(64, 192, 384, 256, 256),
         trunk_file="alexnet-owt-7be5be79.pth",
-        trunk_url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
         heads_file="alex.pth",
     ),
     "vgg": _Trunk(
@@ -50,7 +53,6 @@ TRUNKS = {
         taps=(4, 9, 16, 23, 30),
         channels=(64, 128, 256, 512, 512),
         trunk_file="vgg16-397923af.pth",
-        trunk_url="https://download.pytorch.org/models/vgg16-397923af.pth",
         heads_file="vgg.pth",
     ),
 }
