@@ -152,7 +152,8 @@ class MultiCodebookQuantizer(nn.Module):
         stochastic = self.training if stochastic is None else stochastic
         logits = self.logits(x, temperature)
         codes = logits.argmax(-1)
-        log2p = log2_probabilities(quantize_pmf(self.frequency)).to(x.device)
+        # The EMA is positive by construction: skip quantize_pmf's check (a sync every step).
+        log2p = log2_probabilities(quantize_pmf(self.frequency, check=False))
         if stochastic:
             sample = F.gumbel_softmax(logits, tau=math.sqrt(temperature), hard=True)
             quantized = torch.einsum("bmhwk,mkd->bmdhw", sample, self.codebook)

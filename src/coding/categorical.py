@@ -23,13 +23,15 @@ from src.coding.container import BitstreamError
 PRECISION = 16
 
 
-def quantize_pmf(probs: Tensor, precision: int = PRECISION) -> Tensor:
+def quantize_pmf(probs: Tensor, precision: int = PRECISION, *, check: bool = True) -> Tensor:
     """Integer frequencies (..., n), each ≥ 1, summing to 2^precision − 1 along the last dim.
 
     Every symbol keeps a non-zero frequency (so any symbol can be coded), the rest of the mass
     follows `probs` by largest remainders. The one count left out of 2^precision is the rANS
     escape symbol's. Vectorised over leading dimensions, deterministic, and cheap enough to call
-    every training step (the codec's bit counts use the very tables it codes with).
+    every training step (the codec's bit counts use the very tables it codes with). `check=False`
+    skips the finite/positive-mass check, a device-to-host sync, for callers whose tables are
+    positive by construction (a frequency EMA on the training hot path).
     """
     n = probs.shape[-1]
     total = (1 << precision) - 1
@@ -37,7 +39,7 @@ def quantize_pmf(probs: Tensor, precision: int = PRECISION) -> Tensor:
         raise ValueError(f"{n} symbols do not fit a {precision}-bit table")
     p = probs.detach().double().clamp_min(0)
     sums = p.sum(dim=-1, keepdim=True)
-    if not bool(torch.isfinite(sums).all()) or bool((sums <= 0).any()):
+    if check and (not bool(torch.isfinite(sums).all()) or bool((sums <= 0).any())):
         raise ValueError("every probability table needs a finite, positive total mass")
     share = p / sums * (total - n)
     freqs = share.floor()
