@@ -25,6 +25,17 @@ def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return gather_sample_photos(tmp_path_factory.mktemp("data") / "sample")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads spinning on two
+    shared cores make each small convolution many times slower. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def compose_config(
     out_dir: Path, sample_root: Path, *overrides: str, tiny: bool = True
 ) -> DictConfig:

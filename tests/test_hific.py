@@ -49,13 +49,7 @@ TINY_HIFIC = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread (two spin against each other when shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_hific(out_dir: Path, sample_root: Path, *overrides: str):

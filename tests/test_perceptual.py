@@ -23,14 +23,7 @@ from src.evaluation.run import evaluate
 from src.losses.perceptual import LPIPS, TRUNKS
 from tests.helpers import REPO
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Inception and AlexNet on a shared 2-core machine run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

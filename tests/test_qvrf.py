@@ -30,14 +30,7 @@ TINY_WIDTHS = {"cheng2020_attn": {"N": 8}, "mbt2018_mean": {"N": 8, "M": 8}}
 TINY_WIDTHS["bmshj2018_hyperprior"] = TINY_WIDTHS["mbt2018_mean"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two threads spinning on two
-    shared cores make each small convolution a hundred times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

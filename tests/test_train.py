@@ -6,12 +6,12 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from src.codecs.loading import load_codec
 from src.datamodules.images import decode_rgb
 from src.training import train
 from src.utils.checkpoints import read_checkpoint
+from tests.helpers import fit_on_repeated_batch
 from tests.test_configs import MODELS
 
 
@@ -47,16 +47,7 @@ def test_every_preset_lowers_its_loss_on_a_repeated_batch(compose_train, photo_b
     pl.seed_everything(0)
     module = hydra.utils.instantiate(cfg.model)
     recorder = RecordLoss()
-    trainer = pl.Trainer(
-        max_steps=15,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-        accelerator="cpu",
-    )
-    trainer.fit(module, DataLoader([photo_batch] * 15, batch_size=None))
+    trainer = fit_on_repeated_batch(module, photo_batch, 15, 15, recorder)
     assert trainer.global_step == 15  # the auxiliary step does not count as a training step
     first, last = sum(recorder.losses[:3]) / 3, sum(recorder.losses[-3:]) / 3
     assert last < 0.9 * first, recorder.losses
