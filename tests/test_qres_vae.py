@@ -319,67 +319,23 @@ def test_training_skips_spikes_and_keeps_ema_weights_for_validation_and_export(
 
 
 # ---- generative uses --------------------------------------------------------------------------
+def run_generate(command: str, ckpt: str, out: Path | str, *args: str) -> int:
+    """`lic-generate COMMAND --ckpt CKPT --out OUT ARGS...`; its exit status."""
+    return generate.main([command, "--ckpt", ckpt, "--out", str(out), *args])
+
+
 def test_generate_commands_write_png_grids(trained, photo, sample_root, tmp_path):
     ckpt = str(save_codec(trained, tmp_path / "qres.ckpt"))
     to_pil(photo).save(tmp_path / "a.png")
     img = decode_rgb(next((sample_root / "train").glob("*astronaut*"))).float().div(255)
     to_pil(img[:, 300:364, 200:264]).save(tmp_path / "b.png")
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    args = ["--n", "3", "--size", "64", "128", "--temperature", "0", "0.8"]
+    assert run_generate("sample", ckpt, tmp_path / "s.png", *args) == 0
+    assert run_generate("interpolate", ckpt, tmp_path / "i.png", "--steps", "4", a, b) == 0
+    box = ["--box", "0.25", "0.25", "0.75", "0.75"]
     assert (
-        generate.main(
-            [
-                "sample",
-                "--ckpt",
-                ckpt,
-                "--out",
-                str(tmp_path / "s.png"),
-                "--n",
-                "3",
-                "--size",
-                "64",
-                "128",
-                "--temperature",
-                "0",
-                "0.8",
-            ]
-        )
-        == 0
-    )
-    assert (
-        generate.main(
-            [
-                "interpolate",
-                "--ckpt",
-                ckpt,
-                "--out",
-                str(tmp_path / "i.png"),
-                "--steps",
-                "4",
-                str(tmp_path / "a.png"),
-                str(tmp_path / "b.png"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        generate.main(
-            [
-                "inpaint",
-                "--ckpt",
-                ckpt,
-                "--out",
-                str(tmp_path / "p.png"),
-                "--n",
-                "2",
-                "--iterations",
-                "2",
-                "--box",
-                "0.25",
-                "0.25",
-                "0.75",
-                "0.75",
-                str(tmp_path / "a.png"),
-            ]
-        )
+        run_generate("inpaint", ckpt, tmp_path / "p.png", "--n", "2", "--iterations", "2", *box, a)
         == 0
     )
     # make_grid: 2 px padding around and between images.
@@ -399,34 +355,13 @@ def test_generate_commands_write_png_grids(trained, photo, sample_root, tmp_path
 
 def test_generate_refuses_bad_input_with_clear_errors(trained, tmp_path, capsys):
     ckpt = str(save_codec(trained, tmp_path / "qres.ckpt"))
-    assert (
-        generate.main(
-            ["sample", "--ckpt", ckpt, "--out", str(tmp_path / "s.png"), "--size", "60", "64"]
-        )
-        == 2
-    )
+    assert run_generate("sample", ckpt, tmp_path / "s.png", "--size", "60", "64") == 2
     assert "multiples of 64" in capsys.readouterr().err
-    assert generate.main(["sample", "--ckpt", str(tmp_path / "none.ckpt"), "--out", "x.png"]) == 2
+    assert run_generate("sample", str(tmp_path / "none.ckpt"), "x.png") == 2
     assert "does not exist" in capsys.readouterr().err
     to_pil(torch.rand(1, 3, 64, 64)).save(tmp_path / "a.png")
-    assert (
-        generate.main(
-            [
-                "inpaint",
-                "--ckpt",
-                ckpt,
-                "--out",
-                str(tmp_path / "p.png"),
-                "--box",
-                "0.5",
-                "0",
-                "0.2",
-                "1",
-                str(tmp_path / "a.png"),
-            ]
-        )
-        == 2
-    )
+    box = ["--box", "0.5", "0", "0.2", "1"]
+    assert run_generate("inpaint", ckpt, tmp_path / "p.png", *box, str(tmp_path / "a.png")) == 2
     assert "--box" in capsys.readouterr().err
 
 

@@ -123,7 +123,6 @@ class LatentBlock(nn.Module):
 
     def __init__(self, width: int, zdim: int, kernel: int) -> None:
         super().__init__()
-        self.zdim = zdim
         hidden = width // 4
         use_3x3 = kernel >= 3
         self.front = ConvNeXtBlock(width, kernel)

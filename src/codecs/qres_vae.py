@@ -34,7 +34,6 @@ from src.codecs.qres_blocks import (
 from src.coding.container import BitstreamError
 from src.errors import ConfigError, LicError
 
-ARCHS = ("qres34m", "qres17m")
 # The paper's base widths; widths are 2N at 1/4 resolution and 4N below.
 PAPER_N = {"qres34m": 96, "qres17m": 72}
 # Input normalisation x = (im + shift) * scale: ImageNet statistics (qres34m), CelebA (qres17m).
@@ -130,7 +129,7 @@ class QResVAE(Codec):
     def __init__(self, arch: str = "qres34m", N: int | None = None, lossless: bool = False):
         super().__init__()
         if arch not in LAYOUTS:
-            raise ConfigError(f"model.codec.arch must be one of {ARCHS}, got {arch!r}")
+            raise ConfigError(f"model.codec.arch must be one of {tuple(LAYOUTS)}, got {arch!r}")
         n = PAPER_N[arch] if N is None else int(N)
         if n < 8 or n % 2:
             raise ConfigError(f"model.codec.N must be an even width of at least 8, got {N}")
@@ -167,6 +166,12 @@ class QResVAE(Codec):
             feature = block(feature)
             features[int(feature.shape[2])] = feature
         return features
+
+    @staticmethod
+    def _posterior_mean(block: LatentBlock, feature: Tensor, features: dict[int, Tensor]) -> Tensor:
+        """The posterior mean of `block`'s latent: its decoder feature with the encoder's at the
+        same height (from `encode_features`)."""
+        return block.posterior_mean(feature, features[int(feature.shape[2])])
 
     def top_down(self, batch: int, size: tuple[int, int], choose_z: ChooseZ) -> Tensor:
         """Run the decoder from its learned bias at `size` (1/64 of the image); `choose_z(i,
@@ -207,7 +212,7 @@ class QResVAE(Codec):
         names = self.group_names
 
         def posterior_sample(i, block, feature, pm, scale):
-            qm = block.posterior_mean(feature, features[int(feature.shape[2])])
+            qm = self._posterior_mean(block, feature, features)
             if self.training:  # additive uniform noise; rate -log2 P(z) of the convolved prior
                 z = qm + torch.empty_like(qm).uniform_(-0.5, 0.5)
                 log_p = discretized_gaussian_log_mass(z, pm, scale)
@@ -239,7 +244,7 @@ class QResVAE(Codec):
         coder = self.latent_coder
 
         def encode(i, block, feature, pm, scale):
-            qm = block.posterior_mean(feature, features[int(feature.shape[2])])
+            qm = self._posterior_mean(block, feature, features)
             streams.append(coder.compress(qm, coder.build_indexes(scale), means=pm)[0])
             return coder.quantize(qm, "dequantize", pm)
 
@@ -300,7 +305,7 @@ class QResVAE(Codec):
         found: list[Tensor] = []
 
         def keep(i, block, feature, pm, scale):
-            qm = block.posterior_mean(feature, features[int(feature.shape[2])])
+            qm = self._posterior_mean(block, feature, features)
             found.append(self.latent_coder.quantize(qm, "dequantize", pm))
             return found[-1]
 

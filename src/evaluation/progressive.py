@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from rich.table import Table
 from torch import Tensor
 
-from src.codecs.base import Codec, Encoded
+from src.codecs.base import Codec
 from src.errors import LicError
 from src.evaluation.baselines import to_pil
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
@@ -50,9 +50,7 @@ def progressive_image(codec: Codec, x: Tensor, name: str) -> tuple[list[Progress
     encoded = codec.compress(x)
     points, images = [], []
     for k in range(1, len(encoded.streams) + 1):
-        partial = Encoded(
-            encoded.streams[:k], encoded.latent_shape, encoded.image_size, encoded.rate
-        )
+        partial = replace(encoded, streams=encoded.streams[:k])
         x_hat = quantize_8bit(codec.decompress(encoded, levels=k))
         points.append(
             ProgressivePoint(
