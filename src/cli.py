@@ -24,6 +24,7 @@ from src.api import Rate, compress_file, decompress_file, export_codec, load_cod
 from src.codecs.base import Codec
 from src.coding.container import unpack
 from src.errors import LicError
+from src.utils.cli import run_command
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -131,13 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        with torch.no_grad():
-            args.fn(args)
-    except (LicError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(torch.no_grad()(lambda: args.fn(args)))
 
 
 if __name__ == "__main__":

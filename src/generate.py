@@ -33,6 +33,7 @@ from src.codecs.qres_vae import box_slices
 from src.datamodules.images import decode_rgb
 from src.errors import LicError
 from src.evaluation.baselines import to_pil
+from src.utils.cli import run_command
 
 
 def load_generative(path: str, device: str) -> Codec:
@@ -151,15 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    @torch.no_grad()
+    def generate() -> None:
         torch.manual_seed(args.seed)
-        codec = load_generative(args.ckpt, args.device)
-        with torch.no_grad():
-            args.fn(args, codec)
-    except (LicError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        args.fn(args, load_generative(args.ckpt, args.device))
+
+    return run_command(generate)
 
 
 if __name__ == "__main__":

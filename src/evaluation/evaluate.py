@@ -107,12 +107,15 @@ def evaluate_image(
     )
 
 
+def mean(values: list[float]) -> float:
+    """The mean of the values that are not NaN (NaN when none is): MS-SSIM is undefined on
+    small images, baseline comparisons outside the baseline's range."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def summarize(results: list[ImageResult]) -> dict[str, float]:
     """Means over images, plus the comparison with JPEG."""
-
-    def mean(values: list[float]) -> float:
-        finite = [v for v in values if not math.isnan(v)]
-        return float(np.mean(finite)) if finite else float("nan")
 
     summary = {
         "images": len(results),

@@ -13,7 +13,6 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.table import Table
 from torch import Tensor
@@ -21,6 +20,7 @@ from torch import Tensor
 from src.codecs.base import Codec
 from src.errors import LicError
 from src.evaluation.baselines import to_pil
+from src.evaluation.evaluate import mean
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
 from src.evaluation.plot import plot_rd
 
@@ -72,9 +72,7 @@ def mean_progressive_curve(points: list[ProgressivePoint]) -> dict[str, list[flo
     for key in ("bpp", "psnr", "ms_ssim"):
         curve[key] = []
         for k in levels:
-            values = [getattr(p, key) for p in points if p.levels == k]
-            finite = [v for v in values if not np.isnan(v)]
-            curve[key].append(float(np.mean(finite)) if finite else float("nan"))
+            curve[key].append(mean([getattr(p, key) for p in points if p.levels == k]))
     return curve
 
 

@@ -43,3 +43,14 @@ def run_entry_point(main: Callable[[], None]) -> None:
             raise
         print(f"error: {explain(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_command(fn: Callable[[], None]) -> int:
+    """Run an argparse command; the framework's errors and file errors become one `error:` line
+    on stderr and exit status 2."""
+    try:
+        fn()
+    except (LicError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
