@@ -5,6 +5,8 @@
     python -m src.cli export RUN/checkpoints/best.ckpt model.codec
     python -m src.cli compress   --ckpt model.codec in.png out.lic
     python -m src.cli inspect out.lic
+    python -m src.cli import compressai bmshj2018-hyperprior-1-7eb97409.pth.tar out.ckpt \
+        --arch bmshj2018-hyperprior --quality 1       # the authors' released weights as our checkpoint
 
 The same as the console script `lic compress|decompress|export|inspect ...`.
 """
@@ -22,6 +24,7 @@ from PIL import Image
 
 from src.api import Rate, compress_file, decompress_file, export_codec, load_codec
 from src.codecs.base import Codec
+from src.codecs.importing import discover_formats, import_weights
 from src.coding.container import unpack
 from src.errors import LicError
 from src.utils.cli import run_command
@@ -93,6 +96,20 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"file:         {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp")
 
 
+def _import(args: argparse.Namespace) -> None:
+    codec, path = import_weights(
+        args.format,
+        args.source,
+        args.output,
+        arch=args.arch,
+        quality=args.quality,
+        metric=args.metric,
+        options=parse_options(args.option),
+    )
+    params = sum(p.numel() for p in codec.parameters())
+    print(f"{path}: {codec.name}, {params:,} parameters, from {args.format} file {args.source}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lic", description="Code images with a trained codec.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="training checkpoint of the codec")
     p.add_argument("output", help="the .codec file to write (safetensors + JSON, no pickle)")
     p.set_defaults(fn=_export)
+    formats = discover_formats()
+    p = sub.add_parser(
+        "import",
+        help="the authors' released weights -> a checkpoint of ours",
+        description="Formats: "
+        + "; ".join(f"{f.name} ({f.help or f.published_at})" for f in formats.values()),
+    )
+    p.add_argument("format", choices=sorted(formats), help="the release's format")
+    p.add_argument("source", help="the released file (a local path; nothing is downloaded)")
+    p.add_argument("output", help="the checkpoint to write (.ckpt)")
+    p.add_argument("--arch", help="the architecture the file holds, where the file does not say")
+    p.add_argument("--quality", type=int, help="the quality level the file was trained for")
+    p.add_argument("--metric", default="mse", choices=("mse", "ms-ssim"))
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="format-specific")
+    p.set_defaults(fn=_import)
     p = sub.add_parser("inspect", help="print a coded file's header")
     p.add_argument("input")
     p.set_defaults(fn=_inspect)

@@ -90,3 +90,14 @@ class DumpStartState(pl.Callback):
             },
             self.path,
         )
+
+
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def fixture_path(family: str, name: str) -> Path:
+    """A parity fixture file (see tests/fixtures/README.md); fails the test clearly if absent."""
+    path = FIXTURES / family / name
+    if not path.is_file():
+        raise FileNotFoundError(f"parity fixture {path} is missing (see tests/fixtures/README.md)")
+    return path

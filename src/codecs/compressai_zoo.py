@@ -11,13 +11,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from compressai.entropy_models import EntropyBottleneck
-from compressai.zoo.image import cfgs, model_architectures
+from compressai.zoo.image import cfgs, model_architectures, model_urls
+from compressai.zoo.pretrained import load_pretrained
 from torch import Tensor, nn
 
 from src.codecs.base import Codec, CodecOutput
+from src.codecs.importing import (
+    ImportRequest,
+    fit_state,
+    read_torch_file,
+    register_format,
+    rename_state,
+)
+from src.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +98,77 @@ class CompressAICodec(Codec):
         for module in self.net.modules():
             if isinstance(module, EntropyBottleneck):
                 yield from (p for n, p in module.named_parameters() if n != "quantiles")
+
+
+# ---- CompressAI's published zoo weights ----------------------------------------------------------
+# Every zoo file, by its published name: (architecture, metric, quality).
+ZOO_FILES = {
+    url.rsplit("/", 1)[1]: (arch, metric, quality)
+    for arch, by_metric in model_urls.items()
+    for metric, by_quality in by_metric.items()
+    for quality, url in by_quality.items()
+}
+
+
+def zoo_cache_dirs() -> list[Path]:
+    """Where torch.hub keeps downloaded zoo files ($TORCH_HOME/hub/checkpoints)."""
+    return [Path(torch.hub.get_dir()) / "checkpoints"]
+
+
+def zoo_widths(arch: str, state: dict[str, Tensor]) -> tuple[int, int | None]:
+    """(N, M) of a zoo state dict, read off its first layers as CompressAI's `from_state_dict`
+    does (Cheng 2020 has N alone)."""
+    if arch.startswith("cheng2020"):
+        return int(state["g_a.0.conv1.weight"].shape[0]), None
+    return int(state["g_a.0.weight"].shape[0]), int(state["g_a.6.weight"].shape[0])
+
+
+def describe_zoo_file(request: ImportRequest) -> tuple[str, int]:
+    """(arch, quality) of a zoo file: from its published name, or from --arch/--quality (which
+    win, and are needed for a renamed file)."""
+    arch, _metric, quality = ZOO_FILES.get(request.source.name, (None, None, None))
+    arch = request.arch or arch
+    quality = request.quality or quality
+    if arch is None or quality is None:
+        raise CheckpointError(
+            f"{request.source.name} is not a published CompressAI zoo file name; "
+            "say which model it holds with --arch ARCH --quality Q"
+        )
+    if arch not in model_architectures:
+        arch = arch.replace("_", "-")
+    if arch not in model_architectures:
+        raise CheckpointError(f"unknown CompressAI architecture {arch!r}; one of {ARCHITECTURES}")
+    if quality not in cfgs[arch]:
+        raise CheckpointError(f"{arch} has qualities {sorted(cfgs[arch])}, not {quality}")
+    return arch, quality
+
+
+@register_format(
+    "compressai",
+    published_at="CompressAI's model zoo (compressai.zoo; the URLs are in compressai/zoo/image.py)",
+    search_dirs=zoo_cache_dirs,
+    help="CompressAI zoo .pth.tar files of the six baselines, MSE and MS-SSIM",
+)
+def import_compressai(request: ImportRequest) -> CompressAICodec:
+    """A zoo state dict (any of the six architectures) as our `CompressAICodec`.
+
+    The zoo's own key conversion (DataParallel prefixes, old parameter lists) runs first; widths
+    other than the quality's table (a fine-tuned or tiny model) are kept as N/M overrides."""
+    arch, quality = describe_zoo_file(request)
+    state = read_torch_file(request.source, "a CompressAI state dict")
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # CompressAI's examples/train.py saves a dict around it
+    state = load_pretrained(state)
+    try:
+        n, m = zoo_widths(arch, state)
+    except KeyError as err:
+        raise CheckpointError(f"{request.source} is not a {arch} state dict (no {err})") from err
+    table = cfgs[arch][quality]
+    codec = CompressAICodec(
+        arch,
+        quality,
+        N=None if n == table[0] else n,
+        M=None if m is None or m == table[1] else m,
+    )
+    fit_state(codec, rename_state(state, [(r"^", "net.")]), str(request.source))
+    return codec
