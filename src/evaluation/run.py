@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -23,7 +23,12 @@ from src.codecs.base import Codec
 from src.codecs.loading import load_codec
 from src.coding.container import Rate
 from src.errors import CheckpointError, ConfigError
-from src.evaluation.baselines import baseline_curves, classical_codec, image_curve
+from src.evaluation.baselines import (
+    CLASSICAL_CODECS,
+    baseline_curves,
+    classical_codec,
+    image_curve,
+)
 from src.evaluation.bd_rate import bd_rate
 from src.evaluation.evaluate import evaluate_image, summarize, write_results
 from src.evaluation.metrics import ms_ssim_db
@@ -97,16 +102,30 @@ def results_curve(payload: dict) -> Curve:
     return curve
 
 
-def load_results_json(path: str | Path) -> tuple[str, Curve]:
-    """A published curve (e.g. CompressAI's results/image/kodak/*.json) as (name, curve)."""
+def read_results_json(path: str | Path) -> tuple[str, Curve, str]:
+    """(name, curve, dataset) of a results JSON (e.g. CompressAI's results/image/kodak/*.json);
+    the dataset is its "dataset" entry, else the
+    folder it lies in (CompressAI keeps results/image/<dataset>/<model>.json)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"curve file {path} does not exist")
     try:
         payload = json.loads(path.read_text())
-        return payload.get("name", path.stem), results_curve(payload)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        dataset = str(payload.get("dataset") or path.resolve().parent.name)
+        return payload.get("name", path.stem), results_curve(payload), dataset
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path} is not a results JSON (name, results: bpp, psnr-rgb)") from err
+
+
+def published_label(name: str, dataset: str) -> str:
+    """How a curve read from a results file is named in the plot and the BD table: never the
+    same as a curve this run measured."""
+    return f"{name} [published, {dataset}]"
+
+
+def evaluated_dataset(data_cfg: DictConfig) -> str:
+    """A name for the images evaluated: the folder (or LMDB) they come from."""
+    return Path(str(data_cfg.get("root") or data_cfg.get("path") or "")).name or "unknown"
 
 
 def write_curve(name: str, description: str, summaries: list[dict], out_dir: Path) -> Path:
@@ -164,6 +183,30 @@ def bd_table(
         table.add_row(*cells)
         rows.append(row)
     return table, rows
+
+
+def anchors(spec: object, curves: dict[str, Curve]) -> list[str]:
+    """The BD-rate anchors of `anchor=` (one or a list: baseline or curve names, results JSON
+    files, added to `curves` as published). Baselines missing on this machine are skipped with
+    a note when they are only the default's; a named curve that does not exist is an error."""
+    names = [str(a) for a in (spec if isinstance(spec, (list, ListConfig)) else [spec or "jpeg"])]
+    found = []
+    for anchor in names:
+        if anchor in curves:
+            found.append(anchor)
+        elif Path(anchor).is_file():
+            name, curve, source = read_results_json(anchor)
+            label = published_label(name, source)
+            curves[label] = curve
+            found.append(label)
+        elif anchor in CLASSICAL_CODECS and len(names) > 1:
+            continue  # a default anchor whose codec this machine lacks (noted above)
+        else:
+            raise ConfigError(
+                f"anchor={anchor} is neither a curve of this run ({', '.join(curves)}) "
+                "nor a results JSON file"
+            )
+    return found
 
 
 def curve_label(codec: Codec, ckpt: Path) -> str:
@@ -237,26 +280,28 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
         curves[label] = {key: [p[key] for p in points] for key in ("bpp", "psnr", "ms_ssim")}
     for name, payload in baselines.items():
         curves[name] = results_curve(payload)
+    dataset = evaluated_dataset(cfg.data)
     for path in cfg.get("curves") or []:
-        name, curve = load_results_json(path)
-        curves[name] = curve
+        name, curve, source = read_results_json(path)
+        if source.lower() != dataset.lower():
+            console.print(
+                f"warning: curve {name} from {path} was measured on {source}, "
+                f"this evaluation codes {dataset}: their BD-rates compare different images"
+            )
+        label = published_label(name, source)
+        if label in curves:
+            raise ConfigError(f"curves= names {label!r} twice ({path})")
+        curves[label] = curve
 
     plot = plot_rd(curves, out_dir / "rd.png")
     console.print(f"RD plot: {plot}")
-    anchor = str(cfg.get("anchor") or "jpeg")
-    if anchor not in curves:
-        if Path(anchor).is_file():
-            anchor_name, curves_anchor = load_results_json(anchor)
-            curves[anchor_name] = curves_anchor
-            anchor = anchor_name
-        else:
-            raise ConfigError(
-                f"anchor={anchor} is neither a curve of this run ({', '.join(curves)}) "
-                "nor a results JSON file"
-            )
-    table, rows = bd_table(curves, anchor, str(cfg.get("bd_method") or "pchip"))
-    if rows:
-        console.print(table)
-        (out_dir / "bd_rate.json").write_text(json.dumps(rows, indent=2))
+    all_rows = []
+    for anchor in anchors(cfg.get("anchor"), curves):
+        table, rows = bd_table(curves, anchor, str(cfg.get("bd_method") or "pchip"))
+        if rows:
+            console.print(table)
+            all_rows += rows
+    if all_rows:
+        (out_dir / "bd_rate.json").write_text(json.dumps(all_rows, indent=2))
     console.print(f"results written to {out_dir}")
     return summaries
