@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
+from torch import Tensor
 
 from src.codecs.base import Codec
 from src.codecs.loading import load_codec
@@ -35,6 +36,7 @@ from src.evaluation.metrics import ms_ssim_db
 from src.evaluation.perceptual import PerceptualMetrics
 from src.evaluation.plot import plot_rd
 from src.evaluation.progressive import evaluate_progressive, progressive_table
+from src.evaluation.report import Panel, centre_crop, classical_panel, learned_panels, write_report
 
 SHOWN = (
     "bpp",
@@ -241,6 +243,8 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
 
     summaries: dict[str, dict] = {}
     learned: dict[str, list[dict]] = {}
+    shown = names[: int((cfg.get("report") or {}).get("images", 2))]
+    crops: dict[str, dict[str, list[Panel]]] = {n: {} for n in shown}  # image -> curve -> points
     for ckpt in expand_checkpoints(ckpts):
         codec = load_codec(ckpt, device=cfg.device)
         codec.set_coding_options(**cfg.get("coding_options", {}))
@@ -249,8 +253,11 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
             name = f"{codec.name}-{ckpt.parent.parent.name}-{ckpt.stem}{suffix}"
             if perceptual is not None:
                 perceptual.reset()
-            results = [
-                evaluate_image(
+            label = curve_label(codec, ckpt)
+            results = []
+            for x, n in track(list(zip(images, names)), description=f"coding {name}"):
+                decoded: list[Tensor] = []
+                result = evaluate_image(
                     codec,
                     x.to(cfg.device),
                     n,
@@ -258,15 +265,20 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
                     rate,
                     tile=cfg.get("tile"),
                     perceptual=perceptual and perceptual.image,
+                    on_decoded=decoded.append if n in crops else None,
                 )
-                for x, n in track(list(zip(images, names)), description=f"coding {name}")
-            ]
+                results.append(result)
+                if n in crops:
+                    panel = Panel(
+                        f"{label}{suffix}", centre_crop(decoded[0].cpu()), result.bpp, result.psnr
+                    )
+                    crops[n].setdefault(label, []).append(panel)
             summary = summarize(results)
             if perceptual is not None:
                 summary.update(perceptual.dataset())
             write_results(results, summary, name, out_dir)
             summaries[f"{ckpt}{suffix}"] = summary
-            learned.setdefault(curve_label(codec, ckpt), []).append(summary)
+            learned.setdefault(label, []).append(summary)
             console.print(summary_table(f"{ckpt}{suffix}", summary))
             if cfg.get("progressive"):
                 refs = {"jpeg": results_curve(jpeg)} if jpeg else {}
@@ -303,5 +315,18 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
             all_rows += rows
     if all_rows:
         (out_dir / "bd_rate.json").write_text(json.dumps(all_rows, indent=2))
+    comparisons = []
+    for n, by_curve in crops.items():
+        x = images[names.index(n)]
+        panels = [Panel("original", centre_crop(x))] + learned_panels(by_curve)
+        if len(panels) > 1:
+            for base, payload in baselines.items():
+                codec = classical_codec(base, payload["results"]["quality"])
+                panels.append(classical_panel(codec, x, image_curve(payload, n), panels[1].bpp))
+        comparisons.append((n, panels))
+    report = write_report(
+        out_dir / "report.html", f"lic-lab evaluation on {dataset}", plot, all_rows, comparisons
+    )
+    console.print(f"report: {report}")
     console.print(f"results written to {out_dir}")
     return summaries
