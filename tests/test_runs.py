@@ -88,8 +88,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, sample_root):
 
 
 def test_warm_start_from_a_checkpoint_copies_weights_only(tmp_path, sample_root):
-    first = run_script("train.py", tiny_args(tmp_path, sample_root))
+    first = run_script(
+        "train.py", [*tiny_args(tmp_path, sample_root), "callbacks.progress_bar.interval=0"]
+    )
     _ok(first)
+    # output is not a terminal here: plain progress lines instead of an invisible Rich bar
+    assert "training step: 4/4 (100 %)" in first.stdout and "validation at step" in first.stdout
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     dump = tmp_path / "start_state.pt"
     warm = run_script(

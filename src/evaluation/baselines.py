@@ -25,11 +25,11 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image
-from rich.progress import track
 from torch import Tensor
 
 from src.errors import ConfigError
 from src.evaluation.metrics import ms_ssim, psnr
+from src.utils.progress import track
 
 DEFAULT_QUALITIES = (1, 2, 3, 5, 8, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 95)
 
@@ -201,9 +201,7 @@ def baseline_curves(
             if cached.get("source") == codec.description() and same_ladder:
                 return cached
     per_image = {}
-    for x, name in track(
-        list(zip(images, names)), description=f"{codec.name} ladder", transient=True
-    ):
+    for x, name in track(list(zip(images, names)), description=f"{codec.name} ladder"):
         per_image[name] = [asdict(p) for p in codec.curve(x)]
     mean = {
         key: [

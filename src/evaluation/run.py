@@ -16,7 +16,6 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 from torch import Tensor
 
@@ -37,6 +36,7 @@ from src.evaluation.perceptual import PerceptualMetrics
 from src.evaluation.plot import plot_rd
 from src.evaluation.progressive import evaluate_progressive, progressive_table
 from src.evaluation.report import Panel, centre_crop, classical_panel, learned_panels, write_report
+from src.utils.progress import track
 
 SHOWN = (
     "bpp",
