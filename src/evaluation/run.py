@@ -25,7 +25,7 @@ from src.coding.container import Rate
 from src.errors import CheckpointError, ConfigError
 from src.evaluation.baselines import baseline_curves, classical_codec, image_curve
 from src.evaluation.bd_rate import bd_rate
-from src.evaluation.evaluate import evaluate_image, summarize, write_results
+from src.evaluation.evaluate import Counting, evaluate_image, summarize, write_results
 from src.evaluation.metrics import ms_ssim_db
 from src.evaluation.perceptual import PerceptualMetrics
 from src.evaluation.plot import plot_rd
@@ -35,6 +35,12 @@ SHOWN = (
     "bpp",
     "psnr",
     "ms_ssim",
+    "bpp_counts",
+    "psnr_on",
+    "bpp_file",
+    "bpp_streams",
+    "psnr_8bit",
+    "psnr_float",
     "delta_psnr_vs_jpeg_db",
     "rate_vs_jpeg_percent",
     "estimated_bpp",
@@ -175,6 +181,7 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     """Evaluate each checkpoint on the test images of `cfg.data`; returns the summaries."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    counting = Counting(str(cfg.get("bpp") or "file"), str(cfg.get("psnr") or "8bit"))
     # Built first: missing weight files stop the run before any coding.
     perceptual = PerceptualMetrics.from_config(cfg.get("perceptual"), device=cfg.device)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -215,13 +222,14 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
                     rate,
                     tile=cfg.get("tile"),
                     perceptual=perceptual and perceptual.image,
+                    counting=counting,
                 )
                 for x, n in track(list(zip(images, names)), description=f"coding {name}")
             ]
-            summary = summarize(results)
+            summary = summarize(results, counting)
             if perceptual is not None:
                 summary.update(perceptual.dataset())
-            write_results(results, summary, name, out_dir)
+            write_results(results, summary, name, out_dir, counting)
             summaries[f"{ckpt}{suffix}"] = summary
             learned.setdefault(curve_label(codec, ckpt), []).append(summary)
             console.print(summary_table(f"{ckpt}{suffix}", summary))
@@ -233,7 +241,8 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
 
     curves: dict[str, Curve] = {}
     for label, points in learned.items():
-        write_curve(label, "lic-lab, real entropy coding; means over images", points, out_dir)
+        description = f"lic-lab, real entropy coding; {counting.describe()}; means over images"
+        write_curve(label, description, points, out_dir)
         curves[label] = {key: [p[key] for p in points] for key in ("bpp", "psnr", "ms_ssim")}
     for name, payload in baselines.items():
         curves[name] = results_curve(payload)
