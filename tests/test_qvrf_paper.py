@@ -109,3 +109,17 @@ def test_stage_2_from_an_imported_zoo_model_pairs_its_lmbda_with_gain_1(
     with caplog.at_level(logging.WARNING):
         recipe(compose_train, "stage=2").init_weights_from(tmp_path / "zoo.ckpt")
     assert "λ=0.0483" in caplog.text and "model.anchor=5" in caplog.text
+
+
+def test_the_paper_preset_has_each_stages_length_and_the_authors_settings(compose_train):
+    for stage, epochs in ((1, 2000), (2, 500), (3, 500)):
+        cfg = compose_train("experiment=qvrf_paper", f"stage={stage}", tiny=False)
+        assert (cfg.trainer.max_epochs, cfg.trainer.max_steps) == (epochs, -1)
+        assert cfg.run_name == f"qvrf_paper_stage{stage}"
+    assert compose_train("experiment=qvrf_paper", tiny=False).trainer.max_epochs == 2000
+    assert (cfg.data.crop, cfg.data.batch_size, cfg.seed, cfg.trainer.devices) == (256, 8, 1926, 1)
+    assert cfg.model.scheduler.patience == 20 and cfg.model.optimizer.lr == 1e-4
+    assert resolve_stage1_lmbda(cfg.model.stage1_lmbda, SET, cfg.model.anchor) == 0.18
+    cfg = compose_train("experiment=qvrf_paper", "stage=4", tiny=False)
+    with pytest.raises(Exception, match="stage=4: this preset has stages 1..3"):
+        cfg.trainer.max_epochs  # noqa: B018 (resolving it is the test)
