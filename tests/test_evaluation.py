@@ -10,7 +10,7 @@ import torch
 from src.errors import ConfigError
 from src.evaluation import baselines
 from src.evaluation.baselines import baseline_curves, classical_codec, dataset_key, image_curve
-from src.evaluation.run import bd_table, load_results_json
+from src.evaluation.run import add_published, bd_table, load_results_json
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,13 @@ def test_published_curve_files(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a results JSON"):
         load_results_json(tmp_path / "bad.json")
+    # a published curve named as one of this run's (CompressAI's files name their model) keeps
+    # ours and takes its file's name
+    ours = {"bpp": [0.3], "psnr": [30.0], "ms_ssim": [0.9]}
+    curves = {"mbt2018": ours}
+    assert add_published(curves, path) == "published"
+    assert curves["mbt2018"] is ours and curves["published"]["psnr"] == [27.0, 29.0]
+    assert add_published({}, path) == "mbt2018"
 
 
 def test_tiled_evaluation_matches_the_forward_pass_tile_by_tile():

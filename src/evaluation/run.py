@@ -115,6 +115,17 @@ def load_results_json(path: str | Path) -> tuple[str, Curve]:
         raise ConfigError(f"{path} is not a results JSON (name, results: bpp, psnr-rgb)") from err
 
 
+def add_published(curves: dict[str, Curve], path: str | Path) -> str:
+    """Add a published results file to `curves` under its own name, or under its file name when
+    a curve of this run is called the same (CompressAI's files name their model, as our fixed-
+    rate curves do); returns the name used."""
+    name, curve = load_results_json(path)
+    if name in curves:
+        name = Path(path).stem
+    curves[name] = curve
+    return name
+
+
 def write_curve(name: str, description: str, summaries: list[dict], out_dir: Path) -> Path:
     """One learned curve in CompressAI's results format."""
     results = {
@@ -247,17 +258,14 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     for name, payload in baselines.items():
         curves[name] = results_curve(payload)
     for path in cfg.get("curves") or []:
-        name, curve = load_results_json(path)
-        curves[name] = curve
+        add_published(curves, path)
 
     plot = plot_rd(curves, out_dir / "rd.png")
     console.print(f"RD plot: {plot}")
     anchor = str(cfg.get("anchor") or "jpeg")
     if anchor not in curves:
         if Path(anchor).is_file():
-            anchor_name, curves_anchor = load_results_json(anchor)
-            curves[anchor_name] = curves_anchor
-            anchor = anchor_name
+            anchor = add_published(curves, anchor)
         else:
             raise ConfigError(
                 f"anchor={anchor} is neither a curve of this run ({', '.join(curves)}) "
