@@ -198,6 +198,8 @@ def test_evaluate_draws_the_sweep_curve_against_classical_codecs(tmp_path, sweep
     assert rows["jpeg"]["anchor"] == "webp"  # every curve against the anchor, classical ones too
     assert {"psnr", "ms_ssim"} <= set(rows["jpeg"]) and rows["jpeg"]["psnr"]["value"] > 0
     assert "BD-rate against webp" in proc.stdout
+    page = out.joinpath("report.html").read_text()  # two images side by side, all embedded
+    assert page.count("<figure>") == 2 * (1 + 1 + 4) and "src='http" not in page
     if not shutil.which("cjxl"):
         assert "baseline jxl skipped" in proc.stdout
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from compressai.ans import RansDecoder, RansEncoder
-from compressai.models import JointAutoregressiveHierarchicalPriors, MeanScaleHyperprior
+from compressai.models import MeanScaleHyperprior
 from compressai.ops import quantize_ste
 from compressai.zoo.image import cfgs
 from torch import Tensor, nn
@@ -138,7 +138,6 @@ class QvrfCodec(CompressAICodec):
         self.gain = nn.Parameter(torch.tensor(initial))
         # The paper's factor range [0.5, 12] for gains 1..10, relative to the set's own gains.
         self.factor_range = (0.5 * min(initial), 1.2 * max(initial))
-        self.autoregressive = isinstance(self.net, JointAutoregressiveHierarchicalPriors)
         self.mean_scale = isinstance(self.net, MeanScaleHyperprior)
         self.quantizer = "noise"
         self._rate = Rate.index(anchor)
@@ -244,6 +243,15 @@ class QvrfCodec(CompressAICodec):
 
         return self._raster(params, a, round_here)
 
+    def _context_encode(
+        self, y: Tensor, params: Tensor, a: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ŷ, symbols, scales and means of the context model in the current coding order: the
+        encoder, the test-mode forward pass and the decoder all walk the same way."""
+        if self.coding_order == "wavefront":
+            return self._walk_round(y, params, a)
+        return self._raster_encode(y, params, a)
+
     # ---- the contract -------------------------------------------------------------------------
     def _forward_padded(self, x: Tensor) -> CodecOutput:
         net = self.net
@@ -259,7 +267,7 @@ class QvrfCodec(CompressAICodec):
 
         if not self.training:
             if self.autoregressive:
-                y_hat, q, scales, _ = self._raster_encode(y, params, a)
+                y_hat, q, scales, _ = self._context_encode(y, params, a)
             else:
                 scales, means = self._split(params)
                 q = _symbols(y, a, means)
@@ -274,8 +282,8 @@ class QvrfCodec(CompressAICodec):
                 scales, means = self._split(params)
             y_bits = self._y_bits(noisy if means is None else noisy - a * means, scales, a)
         else:  # straight-through: the decoder sees rounded latents, the rate keeps its noise
-            if self.autoregressive:  # the means the encoder would use, from the raster walk
-                means_sg = self._raster_encode(y.detach(), params.detach(), a_d)[3]
+            if self.autoregressive:  # the means the encoder would use, from its walk
+                means_sg = self._context_encode(y.detach(), params.detach(), a_d)[3]
             else:
                 means_sg = self._split(params)[1]
                 means_sg = None if means_sg is None else means_sg.detach()
@@ -301,7 +309,10 @@ class QvrfCodec(CompressAICodec):
         z_hat = net.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         params = net.h_s(z_hat)
         conditional = net.gaussian_conditional
-        if self.autoregressive:
+        if self.autoregressive and self.coding_order == "wavefront":
+            _, q, scales, _ = self._walk_round(y, params, a)
+            y_string = self._walk_stream(q, scales, a)
+        elif self.autoregressive:
             _, q, scales, _ = self._raster_encode(y, params, a)
             indexes = conditional.build_indexes(a * scales)
             y_string = RansEncoder().encode_with_indexes(
@@ -324,7 +335,9 @@ class QvrfCodec(CompressAICodec):
         z_hat = net.entropy_bottleneck.decompress([streams[1]], torch.Size(latent_shape))
         params = net.h_s(z_hat)
         conditional = net.gaussian_conditional
-        if self.autoregressive:
+        if self.autoregressive and self.coding_order == "wavefront":
+            y_hat = self._walk_read(streams[0], params, a)
+        elif self.autoregressive:
             decoder = RansDecoder()
             decoder.set_stream(streams[0])
             tables = self._tables()
@@ -342,15 +355,6 @@ class QvrfCodec(CompressAICodec):
             q = conditional.decompress([streams[0]], conditional.build_indexes(a * scales))
             y_hat = _dequantize(q.to(params.dtype), a, means)
         return net.g_s(y_hat)
-
-    def _tables(self) -> tuple[list, list, list]:
-        """The Gaussian conditional's CDF tables, lengths and offsets as the rANS coder takes them."""
-        conditional = self.net.gaussian_conditional
-        return (
-            conditional.quantized_cdf.tolist(),
-            conditional.cdf_length.reshape(-1).int().tolist(),
-            conditional.offset.reshape(-1).int().tolist(),
-        )
 
 
 def _raster_order(t: Tensor) -> list[int]:

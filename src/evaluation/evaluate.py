@@ -106,10 +106,12 @@ def evaluate_image(
     tile: int | None = None,
     perceptual: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
     counting: Counting = Counting(),
+    on_decoded: Callable[[Tensor], None] | None = None,
 ) -> ImageResult:
     """Code one (1, 3, H, W) image (at `rate` for a variable-rate codec; tile by tile above
     `tile`), count it as `counting` says and measure it against its JPEG curve at the same rate;
-    `perceptual(x, x_hat)` adds figures such as LPIPS (on the 8-bit image)."""
+    `perceptual(x, x_hat)` adds figures such as LPIPS (on the 8-bit image); `on_decoded(x_hat)`
+    sees the decoded 8-bit image (the report keeps crops)."""
     h, w = x.shape[-2:]
     regions = tile_regions((h, w), tile)
     start = time.perf_counter()
@@ -123,6 +125,8 @@ def evaluate_image(
     x_float = codec.decompress_bytes(data)
     x_hat = quantize_8bit(x_float)
     decoding_time = time.perf_counter() - start
+    if on_decoded is not None:
+        on_decoded(x_hat)
 
     # The decoder must rebuild exactly what the model's own quantised forward pass shows; the
     # forward pass runs on the same tiles, so memory stays bounded for huge images too.
