@@ -119,3 +119,90 @@ def test_tiled_evaluation_matches_the_forward_pass_tile_by_tile():
     tiled = evaluate_image(codec, x, "x", None, tile=64)
     assert whole.matches_forward and tiled.matches_forward
     assert tiled.bpp > whole.bpp  # 12 tiles, each coded on its own, cost more than one image
+
+
+def test_bpp_and_psnr_are_counted_as_asked_and_both_counts_are_named():
+    from src.codecs.compressai_zoo import CompressAICodec
+    from src.evaluation.evaluate import Counting, evaluate_image, stream_bytes
+    from src.evaluation.metrics import psnr
+
+    torch.manual_seed(0)
+    codec = CompressAICodec("bmshj2018-hyperprior", quality=1, N=8, M=8).eval()
+    codec.prepare_for_coding()
+    x = torch.rand(1, 3, 64, 96)
+    pixels = 64 * 96
+    data = codec.compress_to_bytes(x)
+    payload = sum(len(s) for s in codec.compress(x).streams)
+    assert stream_bytes(data) == payload < len(data) - 20  # the header, lengths and CRC
+    default = evaluate_image(codec, x, "x", None)
+    paper = evaluate_image(codec, x, "x", None, counting=Counting("streams", "float"))
+    for result in (default, paper):
+        assert result.bpp_file == 8 * len(data) / pixels
+        assert result.bpp_streams == 8 * payload / pixels
+        assert result.psnr_float == pytest.approx(float(psnr(x, codec.decompress_bytes(data))))
+        assert result.psnr_8bit != result.psnr_float
+    assert (default.bpp, default.psnr) == (default.bpp_file, default.psnr_8bit)
+    assert (paper.bpp, paper.psnr) == (paper.bpp_streams, paper.psnr_float)
+    tiled = codec.compress_to_bytes(x, tile=64)
+    tiles = [codec.compress(x[..., :, :64]), codec.compress(x[..., :, 64:])]
+    assert stream_bytes(tiled) == sum(len(s) for t in tiles for s in t.streams)
+    with pytest.raises(ConfigError, match="bpp=bytes"):
+        Counting("bytes")
+    with pytest.raises(ConfigError, match="psnr=16bit"):
+        Counting(psnr="16bit")
+
+
+def test_evaluate_names_its_counting_in_the_csv_json_and_curve(tmp_path, sample_root):
+    import csv
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+    from PIL import Image
+
+    from src.codecs.compressai_zoo import CompressAICodec
+    from src.codecs.importing import codec_checkpoint
+    from src.datamodules.images import decode_rgb
+    from src.evaluation.run import evaluate
+    from tests.helpers import REPO
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save(codec_checkpoint(CompressAICodec("bmshj2018-factorized", 1, N=8, M=8)), ckpt)
+    img = decode_rgb(next((sample_root / "val").glob("*chelsea*")))[:, :64, :96]
+    for split in ("train", "val"):
+        (tmp_path / "photos" / split).mkdir(parents=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "photos" / split / "cat.png")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                f"ckpt={ckpt}",
+                "data=folder",
+                f"data.root={tmp_path}/photos",
+                f"hydra.run.dir={tmp_path}/eval",
+                f"baseline_cache={tmp_path}/cache",
+                "baseline_qualities=[10,50,90]",
+                "bpp=streams",
+                "psnr=float",
+            ],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "eval")
+    GlobalHydra.instance().clear()
+    (summary,) = evaluate(cfg, [str(ckpt)]).values()
+    assert (summary["bpp_counts"], summary["psnr_on"]) == ("streams", "float")
+    assert summary["bpp"] == summary["bpp_streams"] < summary["bpp_file"]
+    assert summary["psnr"] == summary["psnr_float"]
+    (result,) = (tmp_path / "eval").glob("bmshj2018-factorized-*.json")
+    payload = json.loads(result.read_text())
+    assert payload["counting"] == {"bpp": "streams", "psnr": "float"}
+    assert payload["results"]["bpp"] == [summary["bpp_streams"]]
+    with open(result.with_suffix(".csv")) as f:
+        assert {"bpp_file", "bpp_streams", "psnr_8bit", "psnr_float"} <= set(next(csv.reader(f)))
+    curve = json.loads((tmp_path / "eval" / "curve-bmshj2018-factorized.json").read_text())
+    assert "entropy-coded streams" in curve["description"] and "float" in curve["description"]

@@ -199,6 +199,23 @@ def zoo_cache_dirs() -> list[Path]:
     return [Path(torch.hub.get_dir()) / "checkpoints"]
 
 
+# The entropy bottleneck's parameter lists as CompressAI releases name them: `_matrices.0` (the
+# zoo's files, which `load_pretrained` turns into the next form), `_matrix0` (CompressAI 1.1,
+# e.g. QVRF's release) and `matrices.0` (CompressAI 1.2, ours).
+_BOTTLENECK_KEYS = [
+    (rf"\._{old}(\d+)$", rf".{new}.\1")
+    for old, new in (("matrix", "matrices"), ("bias", "biases"), ("factor", "factors"))
+]
+
+
+def compressai_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict written by any CompressAI version under CompressAI 1.2's key names: the
+    zoo's own conversion (DataParallel prefixes, `downsample` -> `skip`, old parameter lists),
+    then the bottleneck's `_matrix0` -> `matrices.0` that CompressAI itself applies only while
+    loading (and that an exact-fit check must see first)."""
+    return rename_state(load_pretrained(state), _BOTTLENECK_KEYS)
+
+
 def zoo_widths(arch: str, state: dict[str, Tensor]) -> tuple[int, int | None]:
     """(N, M) of a zoo state dict, read off its first layers as CompressAI's `from_state_dict`
     does (Cheng 2020 has N alone)."""
@@ -236,13 +253,13 @@ def describe_zoo_file(request: ImportRequest) -> tuple[str, int]:
 def import_compressai(request: ImportRequest) -> CompressAICodec:
     """A zoo state dict (any of the six architectures) as our `CompressAICodec`.
 
-    The zoo's own key conversion (DataParallel prefixes, old parameter lists) runs first; widths
+    Old key names are converted first (`compressai_state`); widths
     other than the quality's table (a fine-tuned or tiny model) are kept as N/M overrides."""
     arch, quality = describe_zoo_file(request)
     state = read_torch_file(request.source, "a CompressAI state dict")
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # CompressAI's examples/train.py saves a dict around it
-    state = load_pretrained(state)
+    state = compressai_state(state)
     try:
         n, m = zoo_widths(arch, state)
     except KeyError as err:

@@ -30,7 +30,7 @@ from src.evaluation.baselines import (
     image_curve,
 )
 from src.evaluation.bd_rate import bd_rate
-from src.evaluation.evaluate import evaluate_image, summarize, write_results
+from src.evaluation.evaluate import Counting, evaluate_image, summarize, write_results
 from src.evaluation.metrics import ms_ssim_db
 from src.evaluation.perceptual import PerceptualMetrics
 from src.evaluation.plot import plot_rd
@@ -42,6 +42,12 @@ SHOWN = (
     "bpp",
     "psnr",
     "ms_ssim",
+    "bpp_counts",
+    "psnr_on",
+    "bpp_file",
+    "bpp_streams",
+    "psnr_8bit",
+    "psnr_float",
     "delta_psnr_vs_jpeg_db",
     "rate_vs_jpeg_percent",
     "estimated_bpp",
@@ -220,6 +226,7 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     """Evaluate each checkpoint on the test images of `cfg.data`; returns the summaries."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    counting = Counting(str(cfg.get("bpp") or "file"), str(cfg.get("psnr") or "8bit"))
     # Built first: missing weight files stop the run before any coding.
     perceptual = PerceptualMetrics.from_config(cfg.get("perceptual"), device=cfg.device)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -265,6 +272,7 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
                     rate,
                     tile=cfg.get("tile"),
                     perceptual=perceptual and perceptual.image,
+                    counting=counting,
                     on_decoded=decoded.append if n in crops else None,
                 )
                 results.append(result)
@@ -273,10 +281,10 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
                         f"{label}{suffix}", centre_crop(decoded[0].cpu()), result.bpp, result.psnr
                     )
                     crops[n].setdefault(label, []).append(panel)
-            summary = summarize(results)
+            summary = summarize(results, counting)
             if perceptual is not None:
                 summary.update(perceptual.dataset())
-            write_results(results, summary, name, out_dir)
+            write_results(results, summary, name, out_dir, counting)
             summaries[f"{ckpt}{suffix}"] = summary
             learned.setdefault(label, []).append(summary)
             console.print(summary_table(f"{ckpt}{suffix}", summary))
@@ -288,7 +296,8 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
 
     curves: dict[str, Curve] = {}
     for label, points in learned.items():
-        write_curve(label, "lic-lab, real entropy coding; means over images", points, out_dir)
+        description = f"lic-lab, real entropy coding; {counting.describe()}; means over images"
+        write_curve(label, description, points, out_dir)
         curves[label] = {key: [p[key] for p in points] for key in ("bpp", "psnr", "ms_ssim")}
     for name, payload in baselines.items():
         curves[name] = results_curve(payload)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from src.errors import ConfigError
 from src.losses.rate_distortion import lmbda_for
 from src.utils import cluster
 
@@ -24,12 +25,23 @@ def _run_group(default: str) -> str:
     return default
 
 
+def _by_stage(stage: int | str | None, *values: object) -> object:
+    """`${by_stage:${stage},a,b,c}`: the value of training stage 1, 2, 3 ... (null: stage 1), for
+    presets whose stages differ (QVRF's 2000 / 500 / 500 epochs)."""
+    index = 1 if stage is None else int(stage)
+    if not 1 <= index <= len(values):
+        raise ConfigError(f"stage={stage}: this preset has stages 1..{len(values)}")
+    return values[index - 1]
+
+
 def register() -> None:
-    """Register `lmbda_ladder`, `run_group` and the cluster resolvers once per process."""
+    """Register `lmbda_ladder`, `run_group`, `by_stage` and the cluster resolvers once per
+    process."""
     cluster.register()
     resolvers = {
         "lmbda_ladder": lambda metric, quality: lmbda_for(metric, int(quality)),
         "run_group": _run_group,
+        "by_stage": _by_stage,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
