@@ -34,14 +34,22 @@ def _by_stage(stage: int | str | None, *values: object) -> object:
     return values[index - 1]
 
 
+def _run_tag(lmbda: object, stage: object) -> str:
+    """The run name's tail: `_lmbda<λ>` for a fixed-rate run, `_stage<s>` for a staged one (QVRF
+    trains every λ at once, so it has a stage and no λ)."""
+    tag = "" if lmbda is None else f"_lmbda{lmbda}"
+    return tag + ("" if stage is None else f"_stage{stage}")
+
+
 def register() -> None:
-    """Register `lmbda_ladder`, `run_group`, `by_stage` and the cluster resolvers once per
-    process."""
+    """Register `lmbda_ladder`, `run_group`, `by_stage`, `run_tag` and the cluster resolvers
+    once per process."""
     cluster.register()
     resolvers = {
         "lmbda_ladder": lambda metric, quality: lmbda_for(metric, int(quality)),
         "run_group": _run_group,
         "by_stage": _by_stage,
+        "run_tag": _run_tag,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
