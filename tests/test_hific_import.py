@@ -22,7 +22,7 @@ from src.codecs.hific import (
 )
 from src.codecs.importing import fit_problems, import_weights, rename_state
 from src.codecs.loading import load_codec
-from src.errors import CheckpointError
+from src.errors import CheckpointError, LicError
 from tests.helpers import fixture_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,3 +139,10 @@ def test_cli_imports_a_port_file(tmp_path, capsys):
     out = tmp_path / "port.ckpt"
     assert lic(["import", "hific-port", str(fixture_path("hific", "state_dict.pt")), str(out)]) == 0
     assert "hific" in capsys.readouterr().out and out.is_file()
+
+
+def test_reflection_padding_refuses_images_too_small_for_it():
+    codec = HificCodec(N=4, M=8, hyper_channels=8, n_residual_blocks=1, hyper_padding="reflect")
+    with pytest.raises(LicError, match="above 64 px"):
+        codec(torch.rand(1, 3, 64, 96))
+    assert codec(torch.rand(1, 3, 80, 80)).x_hat.shape == (1, 3, 80, 80)
