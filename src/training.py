@@ -20,6 +20,7 @@ from src.utils.checkpoints import (
     read_checkpoint,
 )
 from src.utils.cluster import adopt_submitit_local_tasks, cluster_plugins, effective_batch_size
+from src.utils.resume import ResumeExactly
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,12 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         log.info("initialised weights from %s", cfg.ckpt)
     ckpt_path = resume_checkpoint(cfg)
 
-    callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
+    # ResumeExactly is not optional: without it a resumed run draws other noise than it would have.
+    callbacks = [
+        ResumeExactly(),
+        *instantiate_group(cfg.get("callbacks")),
+        *(extra_callbacks or []),
+    ]
     loggers = instantiate_group(cfg.get("logger"))
     extra = {}
     if plugins := cluster_plugins(auto_requeue=bool(cfg.get("slurm_auto_requeue", True))):
