@@ -20,6 +20,7 @@ from src.utils.checkpoints import (
     read_checkpoint,
 )
 from src.utils.cluster import adopt_submitit_local_tasks, cluster_plugins, effective_batch_size
+from src.utils.resume import ResumeExactly
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,15 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     A run directory that already holds a signal checkpoint (`hpc_ckpt_<n>.ckpt`: a requeued
     SLURM job, or a stopped run started again in its directory) continues from its newest state,
     whatever `resume=` says. Otherwise `resume=` decides: a path, or with `true` the newest state
-    of the latest run of the same name.
+    of this run directory (a cluster job that sets `hydra.run.dir` itself) or else of the latest
+    run of the same name.
     """
     output_dir = Path(cfg.paths.output_dir)
-    if interrupted_checkpoints(output_dir):
-        path = newest_state(output_dir)
-        read_checkpoint(path)
-        log.info("continuing the interrupted run in %s from %s", output_dir, path)
-        return str(path)
+    own_state = newest_state(output_dir)
+    if interrupted_checkpoints(output_dir) or (cfg.resume is True and own_state is not None):
+        read_checkpoint(own_state)
+        log.info("continuing the run in %s from %s", output_dir, own_state)
+        return str(own_state)
     if cfg.resume in (None, False):
         return None
     if cfg.resume is True:
@@ -91,7 +93,12 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         log.info("initialised weights from %s", cfg.ckpt)
     ckpt_path = resume_checkpoint(cfg)
 
-    callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
+    # ResumeExactly is not optional: without it a resumed run draws other noise than it would have.
+    callbacks = [
+        ResumeExactly(),
+        *instantiate_group(cfg.get("callbacks")),
+        *(extra_callbacks or []),
+    ]
     loggers = instantiate_group(cfg.get("logger"))
     extra = {}
     if plugins := cluster_plugins(auto_requeue=bool(cfg.get("slurm_auto_requeue", True))):

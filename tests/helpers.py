@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -90,6 +91,30 @@ class DumpStartState(pl.Callback):
             },
             self.path,
         )
+
+
+class PauseAtStep(pl.Callback):
+    """Once `step` is reached, write `marker` and wait there for the test to kill the process."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step = step
+        self.marker = marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            Path(self.marker).write_text(str(trainer.global_step))
+            while True:
+                time.sleep(1)
+
+
+class DumpFinalState(pl.Callback):
+    """Save the module's state dict and the step as fit ends (to compare two runs)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({"global_step": trainer.global_step, "state": pl_module.state_dict()}, self.path)
 
 
 FIXTURES = REPO / "tests" / "fixtures"

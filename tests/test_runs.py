@@ -11,7 +11,7 @@ import torch
 
 from src.utils.checkpoints import read_checkpoint
 from tests.conftest import tiny_args
-from tests.helpers import run_script
+from tests.helpers import REPO, run_script
 
 
 def _ok(proc) -> None:
@@ -136,6 +136,23 @@ def test_bad_arguments_give_one_clear_error(tmp_path, sample_root, args, message
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        ("train.py", ["model=bmshj2018"], "model=bmshj2018: no such option of 'model'"),
+        ("evaluate.py", ["ckpt=x.ckpt", "data=kodk"], "data=kodk: no such option of 'data'"),
+    ],
+)
+def test_a_mistyped_option_prints_one_line_with_the_group_options(script, args, expected):
+    proc = run_script(script, args)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {expected}; choose one of: ")
+    group = "model" if script == "train.py" else "data"
+    options = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+    assert line.endswith(", ".join(options))
 
 
 def test_empty_data_folder_is_named(tmp_path, sample_root):

@@ -9,6 +9,9 @@ Where the images come from is the subclass's business (`_splits`); the rest is h
 - `cache`: decode the training and validation images once into memory (small sets only).
 - Workers: `num_workers`, `persistent_workers`, `pin_memory`, `prefetch_factor`. Each worker seeds
   its crop generator from torch's per-worker seed and the DDP rank (see `datasets.py`).
+- Resuming: the training loader is torchdata's `StatefulDataLoader`, whose state (position in the
+  epoch, the sampler's generator, the workers' base seed and each worker's crop generator) Lightning
+  saves with every checkpoint and restores on `resume=`, so a resumed run reads the same batches.
 - DDP: nothing here is rank-specific. Lightning (`use_distributed_sampler=True`, its default)
   replaces the training sampler with a `DistributedSampler` seeded by the global seed, so each
   rank reads a disjoint shard that reshuffles every epoch; validation shards are padded by
@@ -22,7 +25,9 @@ import zlib
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from src.datamodules.datasets import (
     CenterCropDataset,
@@ -230,8 +235,12 @@ class CropDataModule(pl.LightningDataModule):
             )
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        """The training loader (shuffled) is resumable. A validation loader restarts at every
+        pass and draws its workers' seed from a generator of its own: starting its workers never
+        consumes the global random state that training's noise comes from."""
         workers = self.num_workers
-        return DataLoader(
+        options = {} if shuffle else {"generator": torch.Generator()}
+        return (StatefulDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
@@ -240,6 +249,7 @@ class CropDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0 and self.persistent_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            **options,
         )
 
     def train_dataloader(self) -> DataLoader:

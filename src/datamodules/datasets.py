@@ -16,6 +16,7 @@ import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset, get_worker_info
 from src.datamodules.downscale import check_downscale, random_downscaled_crop
 from src.datamodules.images import decode_rgb, image_size, list_images, pad_to_at_least
 from src.errors import DataError
+from src.utils.random_state import capture_random_state, restore_random_state
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,21 @@ class RandomCropDataset(_Subset):
             self._rng = random.Random(f"crops-{seed}-{_rank()}")
             self._rng_owner = owner
         return self._rng
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's crop generator, and in a loader worker the worker's global random state
+        (torchdata's `StatefulDataLoader` saves it per worker, so a resumed run crops the same)."""
+        state: dict[str, Any] = {"crops": self.generator().getstate()}
+        if get_worker_info() is not None:
+            state["worker"] = capture_random_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state `state_dict` returned (in the process that will crop)."""
+        version, internal, gauss_next = state["crops"]
+        self.generator().setstate((version, tuple(internal), gauss_next))
+        if "worker" in state and get_worker_info() is not None:
+            restore_random_state(state["worker"])
 
     def __getitem__(self, index: int) -> Tensor:
         img = self._load(index % len(self.indices))

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from hydra.errors import HydraException
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
 from src.errors import LicError
@@ -20,8 +20,19 @@ from src.errors import LicError
 USER_ERRORS = (LicError, HydraException, OmegaConfBaseException)
 
 
+def missing_option(err: MissingConfigException) -> str:
+    """A config group option that does not exist, with the group's options, on one line."""
+    wanted = err.missing_cfg_file or ""
+    group, _, name = wanted.rpartition("/")
+    if not group or not err.options:  # not a group option (a missing primary config): first line
+        return str(err).strip().splitlines()[0]
+    return f"{group}={name}: no such option of '{group}'; choose one of: {', '.join(err.options)}"
+
+
 def explain(err: BaseException) -> str:
     """The innermost framework error's message if there is one, else this error's."""
+    if isinstance(err, MissingConfigException):
+        return missing_option(err)
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, LicError):
@@ -39,7 +50,9 @@ def run_entry_point(main: Callable[[], None]) -> None:
     try:
         main()
     except (*USER_ERRORS, OSError) as err:
-        if wants_traceback or (isinstance(err, OSError) and not err.filename):
+        # MissingConfigException is an OSError without a file name: a user's typo all the same.
+        unexplained_os_error = isinstance(err, OSError) and not err.filename
+        if wants_traceback or (unexplained_os_error and not isinstance(err, HydraException)):
             raise
         print(f"error: {explain(err)}", file=sys.stderr)
         sys.exit(2)
