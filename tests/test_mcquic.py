@@ -204,7 +204,7 @@ def test_paper_size_config_composes_and_builds(compose_train):
     module = hydra.utils.instantiate(cfg.model)
     codec = module.codec
     assert isinstance(module, McQuicRecipe) and isinstance(codec, McQuic)
-    assert (codec.m, codec.N, codec.codebook_sizes, codec.stride) == (2, 128, [8192, 2048, 512], 64)
+    assert (codec.m, codec.N, codec.codebook_sizes, codec.stride) == (2, 128, [8192, 2048, 512], 128)
     assert [tuple(q.codebook.shape) for q in codec.quantizers] == [
         (2, 8192, 64),
         (2, 2048, 64),

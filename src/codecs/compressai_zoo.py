@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from compressai.entropy_models import EntropyBottleneck
@@ -26,6 +25,7 @@ from src.codecs.importing import (
     read_torch_file,
     register_format,
     rename_state,
+    torch_hub_checkpoint_dirs,
 )
 from src.errors import CheckpointError
 
@@ -110,11 +110,6 @@ ZOO_FILES = {
 }
 
 
-def zoo_cache_dirs() -> list[Path]:
-    """Where torch.hub keeps downloaded zoo files ($TORCH_HOME/hub/checkpoints)."""
-    return [Path(torch.hub.get_dir()) / "checkpoints"]
-
-
 def zoo_widths(arch: str, state: dict[str, Tensor]) -> tuple[int, int | None]:
     """(N, M) of a zoo state dict, read off its first layers as CompressAI's `from_state_dict`
     does (Cheng 2020 has N alone)."""
@@ -146,7 +141,7 @@ def describe_zoo_file(request: ImportRequest) -> tuple[str, int]:
 @register_format(
     "compressai",
     published_at="CompressAI's model zoo (compressai.zoo; the URLs are in compressai/zoo/image.py)",
-    search_dirs=zoo_cache_dirs,
+    search_dirs=torch_hub_checkpoint_dirs,
     help="CompressAI zoo .pth.tar files of the six baselines, MSE and MS-SSIM",
 )
 def import_compressai(request: ImportRequest) -> CompressAICodec:
