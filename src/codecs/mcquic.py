@@ -47,6 +47,7 @@ from src.errors import CheckpointError, ConfigError, LicError
 
 
 PADDINGS = ("reflect", "zeros")
+REASSIGN_SOURCES = ("random", "most_used")
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1, padding: str = "reflect") -> nn.Conv2d:
@@ -204,26 +205,42 @@ class MultiCodebookQuantizer(nn.Module):
         self.frequency.mul_(self.decay).add_(batch.to(self.frequency.dtype), alpha=1 - self.decay)
 
     @torch.no_grad()
-    def reassign(self, threshold: float, generator: torch.Generator | None = None) -> int:
+    def reassign(
+        self, threshold: float, generator: torch.Generator | None = None, source: str = "random"
+    ) -> int:
         """Re-seed codewords whose EMA frequency is below `threshold`; returns how many.
 
-        Each dead codeword becomes a slightly jittered copy of a live one (most used first, in
-        turn), so the copy splits that codeword's cell. At most k/2 per sub-codebook move at once.
+        At most k/2 per sub-codebook move at once (a random k/2 of the dead ones). `source`
+        "random" (the official code) copies randomly drawn codewords exactly, drawn without
+        replacement from the k − (moving) most frequent ones, where dead codewords left for a
+        later round rank first, as they do there; "most_used" copies the most used codewords in
+        turn, jittered by 1 % of the codebook's spread, so each copy splits its source's cell.
         """
+        if source not in REASSIGN_SOURCES:
+            raise ConfigError(
+                f"reassignment source must be one of {REASSIGN_SOURCES}, not {source!r}"
+            )
         moved = 0
         for group in range(self.m):
-            freq = self.frequency[group]
+            freq = self.frequency[group].clone()
             dead = (freq < threshold).nonzero().flatten()
-            live = freq.argsort(descending=True)[: int((freq >= threshold).sum())]
-            if dead.numel() == 0 or live.numel() == 0:
+            if dead.numel() == 0 or dead.numel() == self.k:
                 continue
             if dead.numel() > self.k // 2:
-                pick = torch.randperm(dead.numel(), generator=generator)[: self.k // 2]
-                dead = dead[pick.to(dead.device)]
-            sources = live[torch.arange(dead.numel(), device=live.device) % live.numel()]
+                order = torch.randperm(dead.numel(), generator=generator).to(dead.device)
+                freq[dead[order[self.k // 2 :]]] = 1.0  # left for later, ranked first below
+                dead = dead[order[: self.k // 2]]
             book = self.codebook.data[group]
-            jitter = torch.randn(dead.numel(), self.d, generator=generator).to(book)
-            book[dead] = book[sources] + 0.01 * book[live].std() * jitter
+            if source == "random":
+                candidates = freq.argsort(descending=True)[: self.k - dead.numel()]
+                pick = torch.randperm(candidates.numel(), generator=generator)[: dead.numel()]
+                book[dead] = book[candidates[pick.to(candidates.device)]]
+            else:
+                alive = self.frequency[group] >= threshold
+                live = self.frequency[group].argsort(descending=True)[: int(alive.sum())]
+                sources = live[torch.arange(dead.numel(), device=live.device) % live.numel()]
+                jitter = torch.randn(dead.numel(), self.d, generator=generator).to(book)
+                book[dead] = book[sources] + 0.01 * book[live].std() * jitter
             moved += dead.numel()
         return moved
 
@@ -371,10 +388,14 @@ class McQuic(Codec):
 
     # ---- code frequencies ---------------------------------------------------------------------
     def reassign_dead_codewords(
-        self, threshold: float = 1e-6, generator: torch.Generator | None = None
+        self,
+        threshold: float = 1e-6,
+        generator: torch.Generator | None = None,
+        source: str = "random",
     ) -> dict[str, float]:
-        """Re-seed unused codewords on every level; the fraction moved, per level and overall."""
-        moved = [q.reassign(threshold, generator) for q in self.quantizers]
+        """Re-seed unused codewords on every level (`MultiCodebookQuantizer.reassign`); the
+        fraction moved, per level and overall."""
+        moved = [q.reassign(threshold, generator, source) for q in self.quantizers]
         sizes = [q.m * q.k for q in self.quantizers]
         fractions = {f"level{i + 1}": n / s for i, (n, s) in enumerate(zip(moved, sizes))}
         fractions["all"] = sum(moved) / sum(sizes)
