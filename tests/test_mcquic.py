@@ -324,6 +324,13 @@ def test_trained_tiny_model_anneals_reassigns_and_codes_exactly(
     # Lightning logs after the step; the temperature was set before it, at global step - 1.
     assert temps == [(s, pytest.approx(schedule(s))) for s in range(3)]
     assert any(r.get("train/reassigned") for r in rows)
+    (val,) = [r for r in rows if r.get("val/ideal_bpp")]
+    usage = [float(val[f"val/code_usage/level{i}"]) for i in (1, 2, 3)]
+    assert all(0 < u <= 1 for u in usage) and float(val["val/code_usage_ema/level1"]) > 0
+    # Two 64² crops (padded to 128²): 2·64, 2·16, 2·4 codes per sub-codebook and level; the
+    # empirical entropy is at most log2 k bits a code.
+    raw = 2 * (128 * 4 + 32 * 3 + 8 * 2) / (2 * 64 * 64)
+    assert 0 < float(val["val/ideal_bpp"]) <= raw
 
     codec = load_codec(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert any(
