@@ -10,7 +10,7 @@ import torch
 from src.errors import ConfigError
 from src.evaluation import baselines
 from src.evaluation.baselines import baseline_curves, classical_codec, dataset_key, image_curve
-from src.evaluation.run import bd_table, load_results_json
+from src.evaluation.run import anchors, bd_table, published_label, read_results_json
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,19 @@ def test_avif_and_unknown_baselines(photos):
         classical_codec("bpg")
 
 
+def test_hevc_and_jpeg_xl_come_from_pip_plugins(photos):
+    """pillow-heif's x265 at 4:4:4 and 4:2:0, and pillow-jxl-plugin: each codes real files whose
+    size grows with the quality, and says which library made the numbers."""
+    x = photos[0][0]
+    hevc, hevc420, jxl = (classical_codec(n, [10, 60]) for n in ("hevc", "hevc420", "jxl"))
+    assert "pillow_heif" in hevc.description() and "chroma=444" in hevc.description()
+    assert "chroma=420" in hevc420.description() and "pillow_jxl" in jxl.description()
+    curves = {c.name: c.curve(x) for c in (hevc, hevc420, jxl)}
+    for points in curves.values():
+        assert points[0].bpp < points[1].bpp and points[0].psnr < points[1].psnr
+    assert curves["hevc"][1].bpp != curves["hevc420"][1].bpp  # another chroma format was coded
+
+
 def test_bd_table_over_psnr_and_ms_ssim():
     anchor = {"bpp": [0.2, 0.4, 0.8, 1.6], "psnr": [28, 31, 34, 37]}
     anchor["ms_ssim"] = [0.90, 0.94, 0.97, 0.985]
@@ -67,11 +80,31 @@ def test_published_curve_files(tmp_path):
     path = tmp_path / "published.json"
     payload = {"name": "mbt2018", "results": {"bpp": [0.1, 0.2], "psnr-rgb": [27.0, 29.0]}}
     path.write_text(json.dumps(payload))
-    name, curve = load_results_json(path)
+    name, curve, dataset = read_results_json(path)
     assert name == "mbt2018" and curve["psnr"] == [27.0, 29.0] and len(curve["ms_ssim"]) == 2
+    assert dataset == tmp_path.name  # the folder it lies in, as CompressAI's results/image/kodak
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a results JSON"):
-        load_results_json(tmp_path / "bad.json")
+        read_results_json(tmp_path / "bad.json")
+    path.write_text(json.dumps({**payload, "dataset": "kodak"}))
+    assert read_results_json(path)[2] == "kodak"
+
+
+def test_a_published_curve_never_replaces_a_measured_one(tmp_path):
+    """Our bmshj2018-hyperprior and CompressAI's published one both stay, under distinct names,
+    and either can be the anchor (the published one by its file)."""
+    published = tmp_path / "kodak" / "compressai-bmshj2018-hyperprior.json"
+    published.parent.mkdir()
+    payload = {"name": "bmshj2018-hyperprior", "results": {"bpp": [0.2, 0.4], "psnr-rgb": [29, 32]}}
+    published.write_text(json.dumps(payload))
+    ours = {"bpp": [0.25, 0.5], "psnr": [29.0, 32.0], "ms_ssim": [0.9, 0.95]}
+    curves = {"bmshj2018-hyperprior": ours, "jpeg": ours}
+    assert anchors(str(published), curves) == ["bmshj2018-hyperprior [published, kodak]"]
+    assert curves["bmshj2018-hyperprior"] is ours and len(curves) == 3
+    assert published_label("x", "kodak") != "x"
+    assert anchors(["jpeg", "hevc"], curves) == ["jpeg"]  # a default anchor this run lacks
+    with pytest.raises(ConfigError, match="anchor=mbt2018 is neither"):
+        anchors("mbt2018", curves)
 
 
 def test_tiled_evaluation_matches_the_forward_pass_tile_by_tile():

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from compressai.ans import RansDecoder, RansEncoder
-from compressai.models import JointAutoregressiveHierarchicalPriors, MeanScaleHyperprior
+from compressai.models import MeanScaleHyperprior
 from compressai.ops import quantize_ste
 from torch import Tensor, nn
 
@@ -116,7 +116,6 @@ class QvrfCodec(CompressAICodec):
         self.gain = nn.Parameter(torch.tensor(initial))
         # The paper's factor range [0.5, 12] for gains 1..10, relative to the set's own gains.
         self.factor_range = (0.5 * min(initial), 1.2 * max(initial))
-        self.autoregressive = isinstance(self.net, JointAutoregressiveHierarchicalPriors)
         self.mean_scale = isinstance(self.net, MeanScaleHyperprior)
         self.quantizer = "noise"
         self._rate = Rate.index(ANCHOR)
@@ -222,6 +221,15 @@ class QvrfCodec(CompressAICodec):
 
         return self._raster(params, a, round_here)
 
+    def _context_encode(
+        self, y: Tensor, params: Tensor, a: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ŷ, symbols, scales and means of the context model in the current coding order: the
+        encoder, the test-mode forward pass and the decoder all walk the same way."""
+        if self.coding_order == "wavefront":
+            return self._walk_round(y, params, a)
+        return self._raster_encode(y, params, a)
+
     # ---- the contract -------------------------------------------------------------------------
     def _forward_padded(self, x: Tensor) -> CodecOutput:
         net = self.net
@@ -237,7 +245,7 @@ class QvrfCodec(CompressAICodec):
 
         if not self.training:
             if self.autoregressive:
-                y_hat, q, scales, _ = self._raster_encode(y, params, a)
+                y_hat, q, scales, _ = self._context_encode(y, params, a)
             else:
                 scales, means = self._split(params)
                 q = _symbols(y, a, means)
@@ -252,8 +260,8 @@ class QvrfCodec(CompressAICodec):
                 scales, means = self._split(params)
             y_bits = self._y_bits(noisy if means is None else noisy - a * means, scales, a)
         else:  # straight-through: the decoder sees rounded latents, the rate keeps its noise
-            if self.autoregressive:  # the means the encoder would use, from the raster walk
-                means_sg = self._raster_encode(y.detach(), params.detach(), a_d)[3]
+            if self.autoregressive:  # the means the encoder would use, from its walk
+                means_sg = self._context_encode(y.detach(), params.detach(), a_d)[3]
             else:
                 means_sg = self._split(params)[1]
                 means_sg = None if means_sg is None else means_sg.detach()
@@ -279,7 +287,10 @@ class QvrfCodec(CompressAICodec):
         z_hat = net.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         params = net.h_s(z_hat)
         conditional = net.gaussian_conditional
-        if self.autoregressive:
+        if self.autoregressive and self.coding_order == "wavefront":
+            _, q, scales, _ = self._walk_round(y, params, a)
+            y_string = self._walk_stream(q, scales, a)
+        elif self.autoregressive:
             _, q, scales, _ = self._raster_encode(y, params, a)
             indexes = conditional.build_indexes(a * scales)
             y_string = RansEncoder().encode_with_indexes(
@@ -302,7 +313,9 @@ class QvrfCodec(CompressAICodec):
         z_hat = net.entropy_bottleneck.decompress([streams[1]], torch.Size(latent_shape))
         params = net.h_s(z_hat)
         conditional = net.gaussian_conditional
-        if self.autoregressive:
+        if self.autoregressive and self.coding_order == "wavefront":
+            y_hat = self._walk_read(streams[0], params, a)
+        elif self.autoregressive:
             decoder = RansDecoder()
             decoder.set_stream(streams[0])
             tables = self._tables()
@@ -320,15 +333,6 @@ class QvrfCodec(CompressAICodec):
             q = conditional.decompress([streams[0]], conditional.build_indexes(a * scales))
             y_hat = _dequantize(q.to(params.dtype), a, means)
         return net.g_s(y_hat)
-
-    def _tables(self) -> tuple[list, list, list]:
-        """The Gaussian conditional's CDF tables, lengths and offsets as the rANS coder takes them."""
-        conditional = self.net.gaussian_conditional
-        return (
-            conditional.quantized_cdf.tolist(),
-            conditional.cdf_length.reshape(-1).int().tolist(),
-            conditional.offset.reshape(-1).int().tolist(),
-        )
 
 
 def _raster_order(t: Tensor) -> list[int]:

@@ -61,10 +61,11 @@ def evaluate_image(
     rate: Rate | None = None,
     tile: int | None = None,
     perceptual: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
+    on_decoded: Callable[[Tensor], None] | None = None,
 ) -> ImageResult:
     """Code one (1, 3, H, W) image (at `rate` for a variable-rate codec; tile by tile above
     `tile`) and measure it against its JPEG curve at the same rate; `perceptual(x, x_hat)` adds
-    figures such as LPIPS."""
+    figures such as LPIPS; `on_decoded(x_hat)` sees the decoded image (the report keeps crops)."""
     h, w = x.shape[-2:]
     regions = tile_regions((h, w), tile)
     start = time.perf_counter()
@@ -77,6 +78,8 @@ def evaluate_image(
     start = time.perf_counter()
     x_hat = quantize_8bit(codec.decompress_bytes(data))
     decoding_time = time.perf_counter() - start
+    if on_decoded is not None:
+        on_decoded(x_hat)
 
     # The decoder must rebuild exactly what the model's own quantised forward pass shows; the
     # forward pass runs on the same tiles, so memory stays bounded for huge images too.
