@@ -68,9 +68,10 @@ def test_every_experiment_composes(compose_train, experiment):
 
 
 def test_every_experiment_has_its_own_run_name(compose_train):
-    names = {e: compose_train(f"experiment={e}", tiny=False).run_name for e in EXPERIMENTS}
-    assert len(set(names.values())) == len(names), names
-    assert all(name.startswith(e) for e, name in names.items()), names
+    names = [compose_train(f"experiment={e}", tiny=False).run_name for e in EXPERIMENTS]
+    plain = {compose_train(f"model={m}", tiny=False).run_name for m in MODELS}
+    assert len(set(names)) == len(names) and not set(names) & plain, names
+    assert all(name.startswith(e) for e, name in zip(EXPERIMENTS, names)), names
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

@@ -67,3 +67,19 @@ def test_cosine_warm_restarts():
     assert all(0.01 - 1e-9 <= lr <= 1.0 for lr in lrs)
     with pytest.raises(ConfigError):
         warmup_cosine_restarts(opt, cycle_length=5, warmup=5)
+
+
+def test_cosine_restarts_floor_follows_gamma_as_the_official_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = warmup_cosine_restarts(opt, 10, warmup=2, gamma=0.25, floor_follows_gamma=True)
+    for step in range(35):
+        # McQuic's CosineAnnealingWarmupRestarts: both ends of cycle c scale by gamma^c.
+        c, pos = divmod(step, 10)
+        top, low = 2.0 * 0.25**c, 2.0 * 0.01 * 0.25**c
+        if pos < 2:
+            expected = low + (top - low) * pos / 2
+        else:
+            expected = low + (top - low) * (1 + math.cos(math.pi * (pos - 2) / 8)) / 2
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected), step
+        opt.step()
+        sched.step()

@@ -102,7 +102,7 @@ def test_reassignment_revives_never_used_codewords():
     q(x)
     dead = q.frequency[0] < 1e-6
     assert dead.tolist() == [False] * 4 + [True] * 4  # the four far codewords are never used
-    moved = q.reassign(1e-6, torch.Generator().manual_seed(0))
+    moved = q.reassign(1e-6, torch.Generator().manual_seed(0), source="most_used")
     assert moved == 4
     q(x)
     assert (q.frequency[0][dead] > 1e-6).all(), q.frequency  # every revived codeword is used
@@ -111,6 +111,32 @@ def test_reassignment_revives_never_used_codewords():
         codec.quantizers[0].frequency[:, 8:] = 0  # half of level 1 never used
     fractions = codec.reassign_dead_codewords()
     assert fractions == {"level1": 0.5, "level2": 0.0, "all": pytest.approx(16 / 48)}
+
+
+def test_official_reassignment_copies_random_live_codewords_exactly():
+    q = MultiCodebookQuantizer(m=1, k=8, d=2)
+    with torch.no_grad():
+        q.codebook[0] = torch.arange(16.0).reshape(8, 2)
+        q.frequency[0] = torch.tensor([0.4, 0.3, 0.2, 0.1, 0, 0, 0, 0])
+    before = q.codebook[0].clone()
+    assert q.reassign(1e-6, torch.Generator().manual_seed(0)) == 4
+    after = q.codebook[0]
+    assert torch.equal(after[:4], before[:4])  # live codewords stay
+    sources = [int(torch.nonzero((before[:4] == row).all(1))) for row in after[4:]]
+    assert sorted(sources) == [0, 1, 2, 3]  # exact copies, each live codeword once
+    # More than k/2 dead: a random k/2 move; the ones left for later rank first as sources.
+    with torch.no_grad():
+        q.codebook[0] = torch.arange(16.0).reshape(8, 2)
+        q.frequency[0] = torch.tensor([0.6, 0.4, 0, 0, 0, 0, 0, 0])
+    assert q.reassign(1e-6, torch.Generator().manual_seed(1)) == 4
+    after = q.codebook[0]
+    kept = [i for i in range(2, 8) if torch.equal(after[i], before[i])]
+    moved = [i for i in range(2, 8) if i not in kept]
+    assert len(kept) == 2 and torch.equal(after[:2], before[:2])
+    candidates = before[[0, 1, *kept]]
+    assert all((candidates == after[i]).all(1).any() for i in moved)
+    with pytest.raises(ConfigError, match="source"):
+        q.reassign(1e-6, source="nearest")
 
 
 def _ddp_frequencies(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -204,7 +230,12 @@ def test_paper_size_config_composes_and_builds(compose_train):
     module = hydra.utils.instantiate(cfg.model)
     codec = module.codec
     assert isinstance(module, McQuicRecipe) and isinstance(codec, McQuic)
-    assert (codec.m, codec.N, codec.codebook_sizes, codec.stride) == (2, 128, [8192, 2048, 512], 64)
+    assert (codec.m, codec.N, codec.codebook_sizes, codec.stride) == (
+        2,
+        128,
+        [8192, 2048, 512],
+        128,
+    )
     assert [tuple(q.codebook.shape) for q in codec.quantizers] == [
         (2, 8192, 64),
         (2, 2048, 64),
@@ -215,10 +246,39 @@ def test_paper_size_config_composes_and_builds(compose_train):
     assert isinstance(optimizers[0], Lamb) and schedulers[0]["interval"] == "epoch"
     cfg = compose_train("model=mcquic", "model.m=12", "model.codec.N=192", tiny=False)
     assert cfg.model.codec.m == 12
-    cfg = compose_train("experiment=mcquic_prerelease", tiny=False)
+    cfg = compose_train("experiment=mcquic_mixed_prerelease", tiny=False)
     schedule = hydra.utils.instantiate(cfg.model.temperature)
     assert isinstance(schedule, Cosine) and schedule(1000) == pytest.approx(0.55)
     assert (cfg.model.m, cfg.model.codec.N, cfg.model.optimizer.lr) == (12, 192, 2.5e-3)
+
+
+def test_paper_preset_is_the_official_v0_1_40_run(compose_train):
+    cfg = compose_train("experiment=mcquic_paper", tiny=False)
+    assert (cfg.trainer.max_epochs, cfg.trainer.max_steps, cfg.trainer.check_val_every_n_epoch) == (
+        2000,
+        -1,
+        10,
+    )
+    assert (cfg.model.m, cfg.model.metric, cfg.data.crop, cfg.data.batch_size) == (
+        2,
+        "ms-ssim",
+        512,
+        8,
+    )
+    assert cfg.model.optimizer.lr == pytest.approx(1e-3 * math.sqrt(8) / 8, rel=1e-4)
+    assert cfg.model.temperature.kind == "constant" and cfg.model.temperature.start == 1.0
+    scheduler = cfg.model.scheduler
+    assert (scheduler.cycle_length, scheduler.warmup, scheduler.gamma) == (1000, 2, 0.25)
+    assert scheduler.floor_follows_gamma and cfg.model.reassign_from == "random"
+    assert (cfg.model.erasing.grid, cfg.model.erasing.share, cfg.model.erase_epochs) == (
+        16,
+        0.75,
+        1000,
+    )
+    assert (cfg.model.augment.gamma, cfg.model.augment.vflip) == (True, 0.5)
+    qp12 = compose_train("experiment=mcquic_qp12", tiny=False)
+    assert (qp12.model.m, qp12.model.codec.N, qp12.trainer.max_epochs) == (12, 192, 2000)
+    assert len({cfg.run_name, qp12.run_name}) == 2
 
 
 def test_raw_bound_and_bad_settings():
@@ -264,6 +324,13 @@ def test_trained_tiny_model_anneals_reassigns_and_codes_exactly(
     # Lightning logs after the step; the temperature was set before it, at global step - 1.
     assert temps == [(s, pytest.approx(schedule(s))) for s in range(3)]
     assert any(r.get("train/reassigned") for r in rows)
+    (val,) = [r for r in rows if r.get("val/ideal_bpp")]
+    usage = [float(val[f"val/code_usage/level{i}"]) for i in (1, 2, 3)]
+    assert all(0 < u <= 1 for u in usage) and float(val["val/code_usage_ema/level1"]) > 0
+    # Two 64² crops (padded to 128²): 2·64, 2·16, 2·4 codes per sub-codebook and level; the
+    # empirical entropy is at most log2 k bits a code.
+    raw = 2 * (128 * 4 + 32 * 3 + 8 * 2) / (2 * 64 * 64)
+    assert 0 < float(val["val/ideal_bpp"]) <= raw
 
     codec = load_codec(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert any(

@@ -31,8 +31,16 @@ def photo_batch(sample_root) -> torch.Tensor:
 
 
 # Presets that need other settings to learn one batch in 15 steps (LAMB moves each tensor by
-# lr·‖w‖ per step; small codebooks keep the step fast).
-FAST = {"mcquic": ["model.codec.codebook_sizes=[16,8,4]", "model.optimizer.lr=2e-2"]}
+# lr·‖w‖ per step; small codebooks keep the step fast; McQuic's augmentations and erasing would
+# make the repeated batch a different one every step).
+FAST = {
+    "mcquic": [
+        "model.codec.codebook_sizes=[16,8,4]",
+        "model.optimizer.lr=2e-2",
+        "model.augment=null",
+        "model.erasing=null",
+    ]
+}
 # HiFIC needs a regime and LPIPS weights (tests/test_hific.py trains both of its stages); a
 # lossless preset's loss is the pixels' code length, which 15 steps cannot cut by 10 %
 # (tests/test_qres_vae.py and tests/test_irec.py train those).

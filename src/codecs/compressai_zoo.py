@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from compressai.ans import RansDecoder, RansEncoder
@@ -29,6 +28,7 @@ from src.codecs.importing import (
     read_torch_file,
     register_format,
     rename_state,
+    torch_hub_checkpoint_dirs,
 )
 from src.coding.container import CODING_ORDERS
 from src.errors import CheckpointError, LicError
@@ -247,7 +247,7 @@ def describe_zoo_file(request: ImportRequest) -> tuple[str, int]:
 @register_format(
     "compressai",
     published_at="CompressAI's model zoo (compressai.zoo; the URLs are in compressai/zoo/image.py)",
-    search_dirs=zoo_cache_dirs,
+    search_dirs=torch_hub_checkpoint_dirs,
     help="CompressAI zoo .pth.tar files of the six baselines, MSE and MS-SSIM",
 )
 def import_compressai(request: ImportRequest) -> CompressAICodec:

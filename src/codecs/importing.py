@@ -98,6 +98,12 @@ def get_format(name: str) -> ImportFormat:
     return formats[name]
 
 
+def torch_hub_checkpoint_dirs() -> list[Path]:
+    """Where torch.hub keeps downloaded weight files ($TORCH_HOME/hub/checkpoints): the cache of
+    the authors' own download helpers (CompressAI's zoo, McQuic's demo)."""
+    return [Path(torch.hub.get_dir()) / "checkpoints"]
+
+
 def resolve_source(fmt: ImportFormat, source: str | Path) -> Path:
     """The file to read: `source` itself, else a file of that name in the format's search
     folders, else a `CheckpointError` saying where the authors publish it."""

@@ -18,7 +18,10 @@ the nearest codeword, so the forward pass reconstructs exactly what the decoder 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,29 +31,47 @@ from compressai.ops import LowerBound
 from torch import Tensor, nn
 
 from src.codecs.base import Codec, CodecOutput, Encoded
+from src.codecs.importing import (
+    ImportRequest,
+    fit_state,
+    read_torch_file,
+    register_format,
+    rename_state,
+    torch_hub_checkpoint_dirs,
+)
 from src.coding.categorical import CategoricalCoder, log2_probabilities, quantize_pmf
 from src.coding.container import BitstreamError
-from src.errors import ConfigError, LicError
+from src.errors import CheckpointError, ConfigError, LicError
 
 # ---- blocks -----------------------------------------------------------------------------------
 
 
-def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+PADDINGS = ("reflect", "zeros")
+REASSIGN_SOURCES = ("random", "most_used")
 
 
-def subpixel_conv3x3(c_in: int, c_out: int, factor: int = 2) -> nn.Sequential:
+def conv3x3(c_in: int, c_out: int, stride: int = 1, padding: str = "reflect") -> nn.Conv2d:
+    """A 3×3 convolution padded by one pixel: by reflection as the released code, or zeros."""
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, padding_mode=padding)
+
+
+def subpixel_conv3x3(
+    c_in: int, c_out: int, factor: int = 2, padding: str = "reflect"
+) -> nn.Sequential:
     """A 3×3 convolution to factor² times the channels, then a pixel shuffle (upsampling)."""
-    return nn.Sequential(conv3x3(c_in, c_out * factor**2), nn.PixelShuffle(factor))
+    return nn.Sequential(conv3x3(c_in, c_out * factor**2, padding=padding), nn.PixelShuffle(factor))
 
 
 class ResidualBlock(nn.Module):
     """x + conv(SiLU(conv(SiLU(x))))."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding: str = "reflect") -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.SiLU(), conv3x3(channels, channels), nn.SiLU(), conv3x3(channels, channels)
+            nn.SiLU(),
+            conv3x3(channels, channels, padding=padding),
+            nn.SiLU(),
+            conv3x3(channels, channels, padding=padding),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -60,15 +81,15 @@ class ResidualBlock(nn.Module):
 class DownBlock(nn.Module):
     """Halves the resolution: SiLU, strided conv, GDN, conv, plus a strided-conv shortcut."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding: str = "reflect") -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.SiLU(),
-            conv3x3(channels, channels, stride=2),
+            conv3x3(channels, channels, stride=2, padding=padding),
             GDN(channels),
-            conv3x3(channels, channels),
+            conv3x3(channels, channels, padding=padding),
         )
-        self.skip = conv3x3(channels, channels, stride=2)
+        self.skip = conv3x3(channels, channels, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.skip(x) + self.body(x)
@@ -77,15 +98,15 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     """Doubles the resolution: SiLU, sub-pixel conv, inverse GDN, conv, plus a sub-pixel shortcut."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding: str = "reflect") -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.SiLU(),
-            subpixel_conv3x3(channels, channels),
+            subpixel_conv3x3(channels, channels, padding=padding),
             GDN(channels, inverse=True),
-            conv3x3(channels, channels),
+            conv3x3(channels, channels, padding=padding),
         )
-        self.skip = subpixel_conv3x3(channels, channels)
+        self.skip = subpixel_conv3x3(channels, channels, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.skip(x) + self.body(x)
@@ -94,11 +115,11 @@ class UpBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """x + trunk(x) · sigmoid(mask(x)), trunk and mask three residual blocks each (Cheng 2020)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding: str = "reflect") -> None:
         super().__init__()
-        self.trunk = nn.Sequential(*(ResidualBlock(channels) for _ in range(3)))
+        self.trunk = nn.Sequential(*(ResidualBlock(channels, padding) for _ in range(3)))
         self.mask = nn.Sequential(
-            *(ResidualBlock(channels) for _ in range(3)), nn.Conv2d(channels, channels, 1)
+            *(ResidualBlock(channels, padding) for _ in range(3)), nn.Conv2d(channels, channels, 1)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -184,26 +205,42 @@ class MultiCodebookQuantizer(nn.Module):
         self.frequency.mul_(self.decay).add_(batch.to(self.frequency.dtype), alpha=1 - self.decay)
 
     @torch.no_grad()
-    def reassign(self, threshold: float, generator: torch.Generator | None = None) -> int:
+    def reassign(
+        self, threshold: float, generator: torch.Generator | None = None, source: str = "random"
+    ) -> int:
         """Re-seed codewords whose EMA frequency is below `threshold`; returns how many.
 
-        Each dead codeword becomes a slightly jittered copy of a live one (most used first, in
-        turn), so the copy splits that codeword's cell. At most k/2 per sub-codebook move at once.
+        At most k/2 per sub-codebook move at once (a random k/2 of the dead ones). `source`
+        "random" (the official code) copies randomly drawn codewords exactly, drawn without
+        replacement from the k − (moving) most frequent ones, where dead codewords left for a
+        later round rank first, as they do there; "most_used" copies the most used codewords in
+        turn, jittered by 1 % of the codebook's spread, so each copy splits its source's cell.
         """
+        if source not in REASSIGN_SOURCES:
+            raise ConfigError(
+                f"reassignment source must be one of {REASSIGN_SOURCES}, not {source!r}"
+            )
         moved = 0
         for group in range(self.m):
-            freq = self.frequency[group]
+            freq = self.frequency[group].clone()
             dead = (freq < threshold).nonzero().flatten()
-            live = freq.argsort(descending=True)[: int((freq >= threshold).sum())]
-            if dead.numel() == 0 or live.numel() == 0:
+            if dead.numel() == 0 or dead.numel() == self.k:
                 continue
             if dead.numel() > self.k // 2:
-                pick = torch.randperm(dead.numel(), generator=generator)[: self.k // 2]
-                dead = dead[pick.to(dead.device)]
-            sources = live[torch.arange(dead.numel(), device=live.device) % live.numel()]
+                order = torch.randperm(dead.numel(), generator=generator).to(dead.device)
+                freq[dead[order[self.k // 2 :]]] = 1.0  # left for later, ranked first below
+                dead = dead[order[: self.k // 2]]
             book = self.codebook.data[group]
-            jitter = torch.randn(dead.numel(), self.d, generator=generator).to(book)
-            book[dead] = book[sources] + 0.01 * book[live].std() * jitter
+            if source == "random":
+                candidates = freq.argsort(descending=True)[: self.k - dead.numel()]
+                pick = torch.randperm(candidates.numel(), generator=generator)[: dead.numel()]
+                book[dead] = book[candidates[pick.to(candidates.device)]]
+            else:
+                alive = self.frequency[group] >= threshold
+                live = self.frequency[group].argsort(descending=True)[: int(alive.sum())]
+                sources = live[torch.arange(dead.numel(), device=live.device) % live.numel()]
+                jitter = torch.randn(dead.numel(), self.d, generator=generator).to(book)
+                book[dead] = book[sources] + 0.01 * book[live].std() * jitter
             moved += dead.numel()
         return moved
 
@@ -228,6 +265,8 @@ class McQuic(Codec):
         N: width of every block (the paper's `channel`: 128 for m=2, 192 for m=12).
         codebook_sizes: k_l of each level, finest first; one level per entry.
         frequency_decay: decay of the code-frequency EMA.
+        padding: how every 3×3 convolution pads its border: "reflect" (the released code; images
+            are then padded to 2^(4+L), so the coarsest level keeps two rows) or "zeros".
     """
 
     name = "mcquic"
@@ -238,6 +277,7 @@ class McQuic(Codec):
         N: int = 128,
         codebook_sizes: Sequence[int] = (8192, 2048, 512),
         frequency_decay: float = 0.9,
+        padding: str = "reflect",
     ) -> None:
         super().__init__()
         sizes = [int(k) for k in codebook_sizes]
@@ -247,49 +287,59 @@ class McQuic(Codec):
             raise ConfigError(f"codebook sizes must be in 2..65536, got {sizes}")
         if not 0 <= frequency_decay < 1:
             raise ConfigError(f"frequency_decay must be in [0, 1), got {frequency_decay}")
-        self._record_config(m=m, N=N, codebook_sizes=sizes, frequency_decay=float(frequency_decay))
+        if padding not in PADDINGS:
+            raise ConfigError(f"model.codec.padding must be one of {PADDINGS}, got {padding!r}")
+        self._record_config(
+            m=m, N=N, codebook_sizes=sizes, frequency_decay=float(frequency_decay), padding=padding
+        )
         self.m, self.N, self.codebook_sizes = m, N, sizes
         self.levels = len(sizes)
-        self.stride = 2 ** (3 + self.levels)
+        # Reflection needs two rows at the coarsest level: pad images to 2× its stride then.
+        self.stride = 2 ** (3 + self.levels + (padding == "reflect"))
         self.temperature = 1.0
+        p = padding
 
         self.encoder = nn.Sequential(
-            conv3x3(3, N, stride=2),
-            ResidualBlock(N),
-            DownBlock(N),
-            AttentionBlock(N),
-            ResidualBlock(N),
-            DownBlock(N),
-            ResidualBlock(N),
+            conv3x3(3, N, stride=2, padding=p),
+            ResidualBlock(N, p),
+            DownBlock(N, p),
+            AttentionBlock(N, p),
+            ResidualBlock(N, p),
+            DownBlock(N, p),
+            ResidualBlock(N, p),
         )
         self.decoder = nn.Sequential(
-            ResidualBlock(N),
-            UpBlock(N),
-            AttentionBlock(N),
-            ResidualBlock(N),
-            UpBlock(N),
-            ResidualBlock(N),
-            subpixel_conv3x3(N, 3),
+            ResidualBlock(N, p),
+            UpBlock(N, p),
+            AttentionBlock(N, p),
+            ResidualBlock(N, p),
+            UpBlock(N, p),
+            ResidualBlock(N, p),
+            subpixel_conv3x3(N, 3, padding=p),
         )
 
         last = self.levels - 1
         self.stage_encoders = nn.ModuleList(
-            nn.Sequential(DownBlock(N), ResidualBlock(N), AttentionBlock(N)) for _ in sizes
+            nn.Sequential(DownBlock(N, p), ResidualBlock(N, p), AttentionBlock(N, p)) for _ in sizes
         )
         self.quantization_heads = nn.ModuleList(
-            nn.Sequential(ResidualBlock(N), AttentionBlock(N), conv3x3(N, N)) for _ in sizes
+            nn.Sequential(ResidualBlock(N, p), AttentionBlock(N, p), conv3x3(N, N, padding=p))
+            for _ in sizes
         )
         self.latent_heads = nn.ModuleList(
-            nn.Sequential(ResidualBlock(N), AttentionBlock(N), conv3x3(N, N)) for _ in sizes[:last]
+            nn.Sequential(ResidualBlock(N, p), AttentionBlock(N, p), conv3x3(N, N, padding=p))
+            for _ in sizes[:last]
         )
         self.dequantization_heads = nn.ModuleList(
-            nn.Sequential(AttentionBlock(N), conv3x3(N, N), ResidualBlock(N)) for _ in sizes
+            nn.Sequential(AttentionBlock(N, p), conv3x3(N, N, padding=p), ResidualBlock(N, p))
+            for _ in sizes
         )
         self.side_heads = nn.ModuleList(
-            nn.Sequential(AttentionBlock(N), conv3x3(N, N), ResidualBlock(N)) for _ in sizes[:last]
+            nn.Sequential(AttentionBlock(N, p), conv3x3(N, N, padding=p), ResidualBlock(N, p))
+            for _ in sizes[:last]
         )
         self.restore_heads = nn.ModuleList(
-            nn.Sequential(AttentionBlock(N), ResidualBlock(N), UpBlock(N)) for _ in sizes
+            nn.Sequential(AttentionBlock(N, p), ResidualBlock(N, p), UpBlock(N, p)) for _ in sizes
         )
         self.quantizers = nn.ModuleList(
             MultiCodebookQuantizer(m, k, N // m, frequency_decay) for k in sizes
@@ -338,10 +388,14 @@ class McQuic(Codec):
 
     # ---- code frequencies ---------------------------------------------------------------------
     def reassign_dead_codewords(
-        self, threshold: float = 1e-6, generator: torch.Generator | None = None
+        self,
+        threshold: float = 1e-6,
+        generator: torch.Generator | None = None,
+        source: str = "random",
     ) -> dict[str, float]:
-        """Re-seed unused codewords on every level; the fraction moved, per level and overall."""
-        moved = [q.reassign(threshold, generator) for q in self.quantizers]
+        """Re-seed unused codewords on every level (`MultiCodebookQuantizer.reassign`); the
+        fraction moved, per level and overall."""
+        moved = [q.reassign(threshold, generator, source) for q in self.quantizers]
         sizes = [q.m * q.k for q in self.quantizers]
         fractions = {f"level{i + 1}": n / s for i, (n, s) in enumerate(zip(moved, sizes))}
         fractions["all"] = sum(moved) / sum(sizes)
@@ -416,3 +470,105 @@ class McQuic(Codec):
             "table_entropy_bpp": entropy,
             "streams_bpp": 8 * encoded.num_bytes() / (h * w),
         }
+
+
+# ---- the authors' released files ----------------------------------------------------------------
+# The official code (xiaosu-zhu/McQuic, v0.1.40) names its modules after its classes; each rule
+# maps one of its names onto ours. Block internals are renamed last, everywhere.
+OFFICIAL_RULES = [
+    (r"^_encoder\.", "encoder."),
+    (r"^_decoder\.", "decoder."),
+    (r"^_quantizer\._entropyCoder\._freqEMA\.(\d+)$", r"quantizers.\1.frequency"),
+    (r"^_quantizer\._encoders\.(\d+)\._quantizer\._codebook$", r"quantizers.\1.codebook"),
+    (r"^_quantizer\._encoders\.(\d+)\._quantizer\._temperature$", r"quantizers.\1.logit_scale"),
+    (r"^_quantizer\._encoders\.(\d+)\._quantizer\._bound\.", r"quantizers.\1.scale_bound."),
+    (r"^_quantizer\._encoders\.(\d+)\._latentStageEncoder\.", r"stage_encoders.\1."),
+    (r"^_quantizer\._encoders\.(\d+)\._quantizationHead\.", r"quantization_heads.\1."),
+    (r"^_quantizer\._encoders\.(\d+)\._latentHead\.", r"latent_heads.\1."),
+    (r"^_quantizer\._decoders\.(\d+)\._dequantizationHead\.", r"dequantization_heads.\1."),
+    (r"^_quantizer\._decoders\.(\d+)\._sideHead\.", r"side_heads.\1."),
+    (r"^_quantizer\._decoders\.(\d+)\._restoreHead\.", r"restore_heads.\1."),
+    (r"\._branch\.", ".body."),
+    (r"\._skip\.", ".skip."),
+    (r"\._mainBranch\.", ".trunk."),
+    (r"\._sideBranch\.", ".mask."),
+    (r"\.lowerBound\.", ".lower_bound."),
+    (r"_reparam\.eps$", "_reparam.pedestal"),
+]
+# The de-quantisers hold the same codebook Parameter as the quantiser (two more copies per level).
+OFFICIAL_SHARED = r"_quantizer\._(en|de)coders\.(\d+)\._dequantizer\._codebook"
+OFFICIAL_TRAINER_PREFIX = "module._compressor."
+RELEASES = (
+    "https://github.com/xiaosu-zhu/McQuic/releases (e.g. generic/qp_2_msssim_8e954998.mcquic)"
+)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(getattr(value, "shape", value))
+
+
+def official_architecture(state: Mapping[str, Any]) -> dict[str, Any]:
+    """m, N and the codebook sizes of an official state dict (tensors or a key -> shape list),
+    read off its codebooks (m, k_l, N/m)."""
+    sizes, m, d, level = [], None, None, 0
+    while (key := f"_quantizer._encoders.{level}._quantizer._codebook") in state:
+        m, k, d = _shape(state[key])
+        sizes.append(k)
+        level += 1
+    if not sizes:
+        raise CheckpointError("not a McQuic state dict: no _quantizer._encoders.0 codebook")
+    return {"m": m, "N": m * d, "codebook_sizes": sizes}
+
+
+def official_state(state: Mapping[str, Any], codec: McQuic) -> dict[str, Any]:
+    """An official state dict (tensors or a key -> shape list) under our names, for `codec`.
+
+    The shared codebook copies are left out, the per-sub-codebook logit scales (m, 1, 1, 1)
+    flattened to (m,), and the integer coding tables (which `prepare_for_coding` rebuilds from
+    the imported frequencies) taken from `codec`."""
+    ours = rename_state(state, OFFICIAL_RULES, drop=[OFFICIAL_SHARED])
+    for key, value in ours.items():
+        if key.endswith(".logit_scale"):
+            ours[key] = value.reshape(-1) if isinstance(value, Tensor) else (math.prod(value),)
+    own = codec.state_dict()
+    ours.update({k: v for k, v in own.items() if k.endswith(".coding_table")})
+    return ours
+
+
+def released_state_dict(raw: Any, source: Path) -> dict[str, Tensor]:
+    """The compressor's state dict of an official file: a released `.mcquic` ({model, config,
+    version}), a training checkpoint ({trainer: {_model: ...}}) or a bare state dict."""
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        return raw["model"]
+    if isinstance(raw, dict) and isinstance(raw.get("trainer"), dict):
+        model = raw["trainer"].get("_model", {})
+        prefix = OFFICIAL_TRAINER_PREFIX
+        return {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
+    if isinstance(raw, dict) and "_encoder.0.weight" in raw:
+        return raw
+    raise CheckpointError(
+        f"{source} is not an official McQuic file: expected a released .mcquic "
+        "({model, config, version}), a training checkpoint ({trainer: {_model}}) or a state dict"
+    )
+
+
+@register_format(
+    "mcquic",
+    published_at=f"the McQuic releases, {RELEASES}",
+    search_dirs=torch_hub_checkpoint_dirs,
+    help="McQuic's released .mcquic files and its training checkpoints (official code, v0.1.40)",
+)
+def import_mcquic(request: ImportRequest) -> McQuic:
+    """An official McQuic file as our `McQuic` (reflect padding, as the official code pads).
+
+    The architecture is read off the codebooks; the three copies of every codebook must agree."""
+    raw = read_torch_file(request.source, "an official McQuic checkpoint")
+    state = released_state_dict(raw, request.source)
+    for key, value in state.items():
+        match = re.fullmatch(OFFICIAL_SHARED, key)
+        original = f"_quantizer._encoders.{match.group(2)}._quantizer._codebook" if match else None
+        if original and not torch.equal(value, state.get(original, value)):
+            raise CheckpointError(f"{request.source}: {key} differs from {original}")
+    codec = McQuic(**official_architecture(state), padding="reflect")
+    fit_state(codec, official_state(state, codec), str(request.source))
+    return codec

@@ -137,7 +137,8 @@ class RateDistortion(pl.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         main_opt = optimizers[0]
 
-        out = self.codec(batch)
+        inputs, batch = self.training_pair(batch)
+        out = self.codec(inputs)
         terms = self.rd_loss(batch, out)
         main_opt.zero_grad()
         self.manual_backward(terms.loss)
@@ -167,6 +168,11 @@ class RateDistortion(pl.LightningModule):
             self.log_dict(log, on_step=True, on_epoch=False, sync_dist=True)
             self.log("bpp", terms.bpp, prog_bar=True, on_step=True, logger=False)
         return terms.loss.detach()
+
+    def training_pair(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """(what the codec sees, what the loss compares with) of a training batch: the batch
+        both times here; a recipe that augments or corrupts its inputs overrides this."""
+        return batch, batch
 
     def on_train_epoch_end(self) -> None:
         if self.scheduler_factory is None or self.hparams.scheduler_interval != "epoch":
