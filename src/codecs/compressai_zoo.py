@@ -194,11 +194,6 @@ ZOO_FILES = {
 }
 
 
-def zoo_cache_dirs() -> list[Path]:
-    """Where torch.hub keeps downloaded zoo files ($TORCH_HOME/hub/checkpoints)."""
-    return [Path(torch.hub.get_dir()) / "checkpoints"]
-
-
 # The entropy bottleneck's parameter lists as CompressAI releases name them: `_matrices.0` (the
 # zoo's files, which `load_pretrained` turns into the next form), `_matrix0` (CompressAI 1.1,
 # e.g. QVRF's release) and `matrices.0` (CompressAI 1.2, ours).
