@@ -18,6 +18,7 @@ from compressai.zoo.image import cfgs, model_architectures
 from torch import Tensor, nn
 
 from src.codecs.base import Codec, CodecOutput
+from src.coding.rans import pad_for_decoding
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class CompressAICodec(Codec):
         self.quality = quality
         self.net = model_architectures[arch](*widths)
         self.stride = int(self.net.downsampling_factor)
+        # Expected in a file: y alone (factorized), or y and the hyperlatent z.
+        self.num_streams = 2 if hasattr(self.net, "gaussian_conditional") else 1
 
     def _forward_padded(self, x: Tensor) -> CodecOutput:
         out = self.net(x)
@@ -72,6 +75,11 @@ class CompressAICodec(Codec):
         return streams, tuple(int(s) for s in out["shape"])
 
     def _decompress_padded(self, streams: list[bytes], latent_shape: tuple[int, ...]) -> Tensor:
+        context = getattr(self.net, "context_prediction", None)
+        if context is not None:  # CompressAI's raster decoder reads y with a RansDecoder of its own
+            h, w = latent_shape
+            y_symbols = context.in_channels * (4 * h) * (4 * w)
+            streams = [pad_for_decoding(streams[0], y_symbols), *streams[1:]]
         out = self.net.decompress([[s] for s in streams], torch.Size(latent_shape))
         return out["x_hat"]
 

@@ -149,6 +149,7 @@ class HificCodec(Codec):
 
     name = "hific"
     stride = 2**N_DOWNSAMPLING * 4  # the image's 16 and the hyperprior's two stride-2 steps
+    num_streams = 2  # y, then z
 
     def __init__(
         self,

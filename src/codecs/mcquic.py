@@ -251,6 +251,7 @@ class McQuic(Codec):
         self.m, self.N, self.codebook_sizes = m, N, sizes
         self.levels = len(sizes)
         self.stride = 2 ** (3 + self.levels)
+        self.num_streams = self.levels  # one per level; the header holds the coarsest shape
         self.temperature = 1.0
 
         self.encoder = nn.Sequential(
