@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from src.codecs.base import Codec, tile_regions
-from src.coding.container import Rate
+from src.coding.container import MAX_PIXELS, Rate
 from src.evaluation.baselines import BaselinePoint, quality_at_rate, rate_at_quality
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
 
@@ -61,10 +61,11 @@ def evaluate_image(
     rate: Rate | None = None,
     tile: int | None = None,
     perceptual: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> ImageResult:
     """Code one (1, 3, H, W) image (at `rate` for a variable-rate codec; tile by tile above
     `tile`) and measure it against its JPEG curve at the same rate; `perceptual(x, x_hat)` adds
-    figures such as LPIPS."""
+    figures such as LPIPS. Decoding refuses files of more than `max_pixels` pixels."""
     h, w = x.shape[-2:]
     regions = tile_regions((h, w), tile)
     start = time.perf_counter()
@@ -75,7 +76,7 @@ def evaluate_image(
         encoded, data = None, codec.compress_to_bytes(x, rate, tile=tile)
     encoding_time = time.perf_counter() - start
     start = time.perf_counter()
-    x_hat = quantize_8bit(codec.decompress_bytes(data))
+    x_hat = quantize_8bit(codec.decompress_bytes(data, max_pixels=max_pixels))
     decoding_time = time.perf_counter() - start
 
     # The decoder must rebuild exactly what the model's own quantised forward pass shows; the

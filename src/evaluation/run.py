@@ -21,7 +21,7 @@ from rich.table import Table
 
 from src.codecs.base import Codec
 from src.codecs.loading import load_codec
-from src.coding.container import Rate
+from src.coding.container import MAX_PIXELS, Rate
 from src.errors import CheckpointError, ConfigError
 from src.evaluation.baselines import baseline_curves, classical_codec, image_curve
 from src.evaluation.bd_rate import bd_rate
@@ -215,6 +215,7 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
                     rate,
                     tile=cfg.get("tile"),
                     perceptual=perceptual and perceptual.image,
+                    max_pixels=cfg.get("max_pixels") or MAX_PIXELS,
                 )
                 for x, n in track(list(zip(images, names)), description=f"coding {name}")
             ]
