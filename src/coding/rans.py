@@ -32,9 +32,9 @@ or one of those refills; summing, with B ≤ N symbols:
 
 That is up to 100 bytes per symbol, so `decode_with_indexes` first decodes with the escape made
 unreachable (each table gets one more, empty, entry, so the decoder never enters bypass mode
-and reads at most 2 + N words); when no symbol came out as the escape, that is exactly what the
-real decoder would have done, and it is the result. Only a stream that does use the escape is
-decoded again, with the full padding. Table rows must start at 0 and hold 2^16 at their last
+and reads at most 2 + N words). When no symbol came out as the escape, the real decoder takes
+the very same steps, and decodes with a padding of 2 + N words; only a stream that does use the
+escape gets the full padding. Table rows must start at 0 and hold 2^16 at their last
 entry (then every search ends inside the row); indexes must name a table: both are checked.
 """
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 from compressai.ans import RansDecoder
 
 from src.coding.container import BitstreamError
@@ -51,6 +50,7 @@ from src.coding.container import BitstreamError
 PRECISION = 16
 PAD_WORD = b"\x00\x00\x00\x80"  # 0x80000000 little-endian: low nibble 0, top bit set
 _TOP = 1 << PRECISION
+ESCAPE_MARK = 1 << 30  # what the first pass decodes an escape to
 
 
 def state_nibbles(max_escape_freq: int) -> int:
@@ -113,17 +113,16 @@ class BoundedRansDecoder:
         escape_freq = _check_tables(cdfs, sizes, offsets)
         _check_indexes(indexes, len(cdfs))
         n = len(indexes)
-        # Pass 1: one more, empty, entry per table makes the escape an ordinary symbol.
+        # Pass 1: one more, empty, entry per table makes the escape an ordinary symbol, and these
+        # offsets send it to exactly ESCAPE_MARK, every other symbol below it.
         wider = [list(row[:size]) + [_TOP] for row, size in zip(cdfs, sizes)]
-        sizes_wider = [size + 1 for size in sizes]
-        values = RansDecoder().decode_with_indexes(
-            pad(encoded, n + 2), indexes, wider, sizes_wider, offsets
+        marks = [ESCAPE_MARK - (size - 2) for size in sizes]
+        marked = RansDecoder().decode_with_indexes(
+            pad(encoded, n + 2), indexes, wider, [size + 1 for size in sizes], marks
         )
-        idx = np.asarray(indexes, dtype=np.int64)
-        escape = np.asarray(sizes, dtype=np.int64)[idx] - 2 + np.asarray(offsets)[idx]
-        if not n or not bool((np.asarray(values) == escape).any()):
-            return values
-        words = padding_words(n, len(encoded), escape_freq)
+        # Without an escape the real decoder takes the very same steps (n + 2 words at most).
+        escapes = bool(marked) and max(marked) == ESCAPE_MARK
+        words = padding_words(n, len(encoded), escape_freq) if escapes else n + 2
         return RansDecoder().decode_with_indexes(pad(encoded, words), indexes, cdfs, sizes, offsets)
 
     def set_stream(self, encoded: bytes, max_symbols: int) -> None:
