@@ -127,3 +127,12 @@ def test_tiled_file_checks_its_tile_side_and_each_tile(hyperprior):
     with pytest.raises(BitstreamError, match="max_pixels"):
         hyperprior.decompress_bytes(pack(container), max_pixels=100 * 149)
     assert hyperprior.decompress_bytes(pack(container), max_pixels=100 * 150).shape[-1] == 150
+
+
+def test_evaluation_decodes_within_its_max_pixels(hyperprior):
+    from src.evaluation.evaluate import evaluate_image
+
+    x = torch.rand(1, 3, 32, 48)
+    assert evaluate_image(hyperprior, x, "img", None, max_pixels=32 * 48).bpp > 0
+    with pytest.raises(BitstreamError, match="max_pixels=1000"):
+        evaluate_image(hyperprior, x, "img", None, max_pixels=1000)
