@@ -5,7 +5,7 @@ codec = load_codec("RUN/checkpoints/best.ckpt")        # or an exported .codec f
 compress_file(codec, "in.png", "out.lic")
 decompress_file(codec, "out.lic", "rec.png")
 data = codec.compress_to_bytes(x)                       # x: (1, 3, H, W) in [0, 1]
-x_hat = codec.decompress_bytes(data)
+x_hat = codec.decompress_bytes(data, max_pixels=2**27)  # larger claims: BitstreamError
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from src.codecs.base import Codec
 from src.codecs.export import export_codec
 from src.codecs.loading import load_codec
-from src.coding.container import Rate
+from src.coding.container import MAX_PIXELS, Rate
 from src.datamodules.images import decode_rgb
 from src.evaluation.baselines import to_pil
 
@@ -41,10 +41,15 @@ def compress_file(
 
 
 def decompress_file(
-    codec: Codec, source: str | Path, target: str | Path, levels: int | None = None
+    codec: Codec,
+    source: str | Path,
+    target: str | Path,
+    levels: int | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> tuple[int, int]:
     """Decode the coded file `source` into the PNG (or any Pillow format) `target`; returns
-    the image's (width, height)."""
-    x_hat = codec.decompress_bytes(Path(source).read_bytes(), levels=levels)
+    the image's (width, height). A file claiming more than `max_pixels` pixels is refused
+    (BitstreamError) before anything is allocated."""
+    x_hat = codec.decompress_bytes(Path(source).read_bytes(), levels, max_pixels)
     to_pil(x_hat).save(target)
     return int(x_hat.shape[-1]), int(x_hat.shape[-2])

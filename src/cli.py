@@ -1,7 +1,7 @@
 """Compress and decompress image files with a trained codec, and inspect coded files.
 
     python -m src.cli compress   --ckpt RUN/checkpoints/best.ckpt in.png out.lic [--tile 1024]
-    python -m src.cli decompress --ckpt RUN/checkpoints/best.ckpt out.lic rec.png
+    python -m src.cli decompress --ckpt RUN/checkpoints/best.ckpt out.lic rec.png [--max-pixels N]
     python -m src.cli export RUN/checkpoints/best.ckpt model.codec
     python -m src.cli compress   --ckpt model.codec in.png out.lic
     python -m src.cli inspect out.lic
@@ -25,7 +25,7 @@ from PIL import Image
 from src.api import Rate, compress_file, decompress_file, export_codec, load_codec
 from src.codecs.base import Codec
 from src.codecs.importing import discover_formats, import_weights
-from src.coding.container import unpack
+from src.coding.container import MAX_PIXELS, unpack
 from src.errors import LicError
 from src.utils.cli import run_command
 
@@ -69,7 +69,7 @@ def _compress(args: argparse.Namespace) -> None:
 
 def _decompress(args: argparse.Namespace) -> None:
     codec = _load(args)
-    w, h = decompress_file(codec, args.input, args.output, args.levels)
+    w, h = decompress_file(codec, args.input, args.output, args.levels, args.max_pixels)
     print(f"{args.output}: {w}x{h}")
 
 
@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:
             p.add_argument("--levels", type=int, help="progressive codecs: decode k latent groups")
+            p.add_argument(
+                "--max-pixels",
+                type=int,
+                default=MAX_PIXELS,
+                help=f"refuse files that claim more pixels (default {MAX_PIXELS})",
+            )
     p = sub.add_parser("export", help="checkpoint -> self-contained inference file")
     p.add_argument("ckpt", help="training checkpoint of the codec")
     p.add_argument("output", help="the .codec file to write (safetensors + JSON, no pickle)")

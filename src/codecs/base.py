@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.coding.container import (
+    MAX_PIXELS,
+    MAX_SIDE,
     BitstreamError,
     Container,
     Rate,
@@ -26,6 +28,7 @@ from src.coding.container import (
     unpack,
     unpack_tile,
 )
+from src.coding.rans import bound_entropy_coders
 from src.errors import LicError
 
 
@@ -95,6 +98,18 @@ def tile_regions(size: tuple[int, int], tile: int | None) -> list[tuple[slice, s
     ]
 
 
+def check_image_size(size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse a coded image of more than `max_pixels` pixels (or an impossible side) before
+    anything is allocated for it."""
+    h, w = size
+    if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE):
+        raise BitstreamError(f"image size field: {w}x{h} is outside 1..{MAX_SIDE}")
+    if h * w > max_pixels:
+        raise BitstreamError(
+            f"image size field: {w}x{h} = {h * w} pixels is more than max_pixels={max_pixels}"
+        )
+
+
 def crop_to(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Crop (B, C, H', W') back to the top-left (H, W)."""
     h, w = size
@@ -109,15 +124,23 @@ class Codec(nn.Module):
     trains (CompressAI's quantiles); `entropy_parameters()` names the density parameters of the
     entropy models, which the recipe may train at their own learning rate.
 
-    Variable-rate codecs set `num_rates` > 1 and override `set_rate` / `current_rate`; the rate
-    is model state (the recipe sets it per batch, `compress` per file). Progressive codecs set
-    `progressive = True` and accept `levels` in `_decompress_padded`.
+    Variable-rate codecs set `num_rates` > 1 and override `set_rate` / `current_rate` /
+    `rate_error`; the rate is model state (the recipe sets it per batch, `compress` per file).
+    Progressive codecs set `progressive = True` and accept `levels` in `_decompress_padded`.
+
+    Decoding validates before it decodes: `check_encoded` compares what a file says with what
+    this codec writes for its image size (`expected_latent_shape`, `stream_counts`, the rate)
+    and refuses anything else with a `BitstreamError` naming the field, before an entropy
+    decoder or an allocation sees it. Families declare `num_streams` (the streams of a complete
+    file; a progressive file may hold its first 1..num_streams) and, where the latent is not
+    the padded image over `stride`, override `expected_latent_shape`.
     """
 
     name: str = "codec"
     stride: int = 1
     num_rates: int = 1
     progressive: bool = False
+    num_streams: int = 1
     # Orders this codec can code its latent in (context models: raster or wavefront) and the one
     # `compress` uses; the order travels in the file, so `decompress` needs no flag.
     coding_orders: tuple[str, ...] = ("raster",)
@@ -161,20 +184,76 @@ class Codec(nn.Module):
         streams, latent_shape = self._compress_padded(x_padded)
         return Encoded(streams, tuple(latent_shape), size, self.current_rate(), self.coding_order)
 
+    # ---- what a file must hold -----------------------------------------------------------------
+    def expected_latent_shape(self, image_size: tuple[int, int]) -> tuple[int, ...]:
+        """The latent shape this codec writes for an image of `image_size` (H, W): the padded
+        size over the stride (families whose header shape differs override this)."""
+        h, w = image_size
+        return (-(-h // self.stride), -(-w // self.stride))
+
+    def stream_counts(self) -> range:
+        """How many streams a file may hold: `num_streams`, or 1..num_streams if progressive."""
+        return range(1 if self.progressive else self.num_streams, self.num_streams + 1)
+
+    def rate_error(self, rate: Rate) -> str | None:
+        """Why this codec cannot code at `rate` (None when it can); variable-rate codecs override."""
+        return f"{self.name} codes at a single rate; it takes no rate index or factor"
+
+    def check_encoded(
+        self, encoded: Encoded, levels: int | None = None, max_pixels: int = MAX_PIXELS
+    ) -> None:
+        """Refuse, with a `BitstreamError` naming the field, an `Encoded` this codec would not
+        have written for its image size; nothing is decoded or allocated before this passes."""
+        h, w = encoded.image_size
+        check_image_size((h, w), max_pixels)
+        expected = self.expected_latent_shape((h, w))
+        if tuple(encoded.latent_shape) != tuple(expected):
+            raise BitstreamError(
+                f"latent shape field: {self.name} codes a {w}x{h} image with latent shape "
+                f"{tuple(expected)}, the file says {tuple(encoded.latent_shape)}"
+            )
+        counts = self.stream_counts()
+        if len(encoded.streams) not in counts:
+            allowed = str(counts.start) if len(counts) == 1 else f"{counts.start}..{counts[-1]}"
+            raise BitstreamError(
+                f"stream count field: {self.name} files hold {allowed} streams, "
+                f"the file has {len(encoded.streams)}"
+            )
+        if self.num_rates == 1 and encoded.rate is not None:
+            raise BitstreamError(
+                f"rate field: {self.rate_error(encoded.rate)} (file: {encoded.rate})"
+            )
+        if self.num_rates > 1:
+            problem = "missing" if encoded.rate is None else self.rate_error(encoded.rate)
+            if problem:
+                raise BitstreamError(f"rate field: {problem}")
+        if encoded.order not in self.coding_orders:
+            raise BitstreamError(
+                f"coding order field: the file was coded in {encoded.order} order, which "
+                f"{self.name} does not use"
+            )
+        if levels is not None and self.progressive and not 0 <= levels <= self.num_streams:
+            raise LicError(
+                f"{self.name} has {self.num_streams} coded groups; levels must be in "
+                f"0..{self.num_streams}, not {levels}"
+            )
+
     @torch.no_grad()
-    def decompress(self, encoded: Encoded, levels: int | None = None) -> Tensor:
+    def decompress(
+        self, encoded: Encoded, levels: int | None = None, max_pixels: int = MAX_PIXELS
+    ) -> Tensor:
         """Decode `encoded` into (1, 3, H, W) in [0, 1], cropped to the original size.
 
-        `levels` decodes only the first latent groups of a progressive codec.
+        `levels` decodes only the first latent groups of a progressive codec. The fields are
+        checked first (`check_encoded`), and CompressAI's entropy models decode through a
+        bounded rANS decoder (`src.coding.rans`).
         """
+        self.check_encoded(encoded, levels, max_pixels)
+        bound_entropy_coders(self)
         if encoded.rate is not None:
             self.set_rate(encoded.rate)
         if levels is not None and not self.progressive:
             raise LicError(f"{self.name} is not a progressive codec; it takes no levels")
-        if encoded.order not in self.coding_orders:
-            raise BitstreamError(
-                f"file was coded in {encoded.order} order, which {self.name} does not use"
-            )
         own_order, self.coding_order = self.coding_order, encoded.order
         try:
             if levels is None:
@@ -189,7 +268,7 @@ class Codec(nn.Module):
 
     def set_rate(self, rate: Rate) -> None:
         """Code and reconstruct at `rate` from now on (variable-rate codecs override this)."""
-        raise LicError(f"{self.name} codes at a single rate; it takes no rate index or factor")
+        raise LicError(self.rate_error(rate))
 
     def current_rate(self) -> Rate | None:
         """The rate setting in use, written into the container header (None: a fixed rate)."""
@@ -267,8 +346,14 @@ class Codec(nn.Module):
         )
         return pack(container)
 
-    def decompress_bytes(self, data: bytes, levels: int | None = None) -> Tensor:
-        """Decode a file written by `compress_to_bytes` of this very codec (weights and config)."""
+    def decompress_bytes(
+        self, data: bytes, levels: int | None = None, max_pixels: int = MAX_PIXELS
+    ) -> Tensor:
+        """Decode a file written by `compress_to_bytes` of this very codec (weights and config).
+
+        A file claiming more than `max_pixels` pixels is refused before anything is allocated; a
+        tiled file is decoded one tile at a time, each tile checked like a whole file.
+        """
         container = unpack(data)
         if container.codec_name != self.name:
             raise BitstreamError(
@@ -286,14 +371,21 @@ class Codec(nn.Module):
                 container.rate,
                 container.order,
             )
-            return self.decompress(encoded, levels)
+            return self.decompress(encoded, levels, max_pixels)
         h, w = container.image_size
+        check_image_size((h, w), max_pixels)
+        if container.tile % self.stride or container.latent_shape:
+            raise BitstreamError(
+                f"tile field: {self.name} tiles are multiples of {self.stride} pixels with no "
+                f"latent shape of their own, the file says {container.tile} and "
+                f"{container.latent_shape}"
+            )
         x_hat = torch.empty(1, 3, h, w, device=next(self.parameters()).device)
         for (rows, cols), record in zip(tile_regions((h, w), container.tile), container.streams):
             shape, streams = unpack_tile(record)
             size = (rows.stop - rows.start, cols.stop - cols.start)
             encoded = Encoded(streams, shape, size, container.rate, container.order)
-            x_hat[..., rows, cols] = self.decompress(encoded, levels)
+            x_hat[..., rows, cols] = self.decompress(encoded, levels, max_pixels)
         return x_hat
 
     def prepare_for_coding(self) -> None:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator
 
 import torch
-from compressai.ans import RansDecoder, RansEncoder
+from compressai.ans import RansEncoder
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models import JointAutoregressiveHierarchicalPriors
 from compressai.zoo.image import cfgs, model_architectures, model_urls
@@ -31,6 +31,7 @@ from src.codecs.importing import (
     torch_hub_checkpoint_dirs,
 )
 from src.coding.container import CODING_ORDERS
+from src.coding.rans import BoundedRansDecoder, pad_for_decoding
 from src.errors import CheckpointError, LicError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class CompressAICodec(Codec):
         self.quality = quality
         self.net = model_architectures[arch](*widths)
         self.stride = int(self.net.downsampling_factor)
+        # Expected in a file: y alone (factorized), or y and the hyperlatent z.
+        self.num_streams = 2 if hasattr(self.net, "gaussian_conditional") else 1
         self.autoregressive = isinstance(self.net, JointAutoregressiveHierarchicalPriors)
         if self.autoregressive:  # wavefronts by default; raster for byte parity with CompressAI
             self.coding_orders = CODING_ORDERS
@@ -114,6 +117,11 @@ class CompressAICodec(Codec):
             net = self.net
             z_hat = net.entropy_bottleneck.decompress([streams[1]], torch.Size(latent_shape))
             return net.g_s(self._walk_read(streams[0], net.h_s(z_hat)))
+        context = getattr(self.net, "context_prediction", None)
+        if context is not None:  # CompressAI's raster decoder reads y with a RansDecoder of its own
+            h, w = latent_shape
+            y_symbols = context.in_channels * (4 * h) * (4 * w)
+            streams = [pad_for_decoding(streams[0], y_symbols), *streams[1:]]
         out = self.net.decompress([[s] for s in streams], torch.Size(latent_shape))
         return out["x_hat"]
 
@@ -145,8 +153,14 @@ class CompressAICodec(Codec):
     def _walk_read(self, stream: bytes, params: Tensor, gain: Tensor | float = 1.0) -> Tensor:
         """ŷ read back from a y stream written by `_walk_stream`."""
         conditional = self.net.gaussian_conditional
-        decoder = RansDecoder()
-        decoder.set_stream(stream)
+        decoder = BoundedRansDecoder()  # a crafted stream cannot make it read past its end
+        decoder.set_stream(
+            stream,
+            params.shape[0]
+            * params.shape[-2]
+            * params.shape[-1]
+            * (self.net.context_prediction.in_channels),
+        )
         tables = self._tables()
 
         def read_here(scales: Tensor, means: Tensor, rows: Tensor, cols: Tensor):

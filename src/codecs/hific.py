@@ -241,6 +241,7 @@ class HificCodec(Codec):
 
     name = "hific"
     stride = 2**N_DOWNSAMPLING  # images pad to 16; the hyperprior's outputs are cropped to y
+    num_streams = 2  # y, then z
 
     def __init__(
         self,

@@ -68,6 +68,11 @@ class RecCodec(Codec):
         super().__init__()
         self.rec_options = RecOptions()
 
+    @property
+    def num_streams(self) -> int:
+        """The REC header and one stream per latent group."""
+        return 1 + self.num_groups
+
     # ---- coding options ------------------------------------------------------------------------
     def set_coding_options(self, **options: Any) -> None:
         """n_beams, extra_samples (1 + ε), kl_per_partition (Ω nats), block_size, seed."""
@@ -320,6 +325,11 @@ class IrecLossless(RecCodec):
         self.head = nn.ConvTranspose2d(N, 3, 5, stride=2, padding=2, output_padding=1)
         self.log_scale = nn.Parameter(torch.zeros(1))
         self._tables: tuple[float, CategoricalCoder] | None = None
+
+    @property
+    def num_streams(self) -> int:
+        """The REC header, one stream per latent group, then the pixels."""
+        return 2 + self.num_groups
 
     def _latent_shape(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[-2] // 2, x.shape[-1] // 2)

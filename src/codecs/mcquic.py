@@ -296,6 +296,7 @@ class McQuic(Codec):
         self.levels = len(sizes)
         # Reflection needs two rows at the coarsest level: pad images to 2× its stride then.
         self.stride = 2 ** (3 + self.levels + (padding == "reflect"))
+        self.num_streams = self.levels  # one per level; the header holds the coarsest shape
         self.temperature = 1.0
         p = padding
 
@@ -433,6 +434,12 @@ class McQuic(Codec):
         ]
         h, w = codes[-1].shape[-2:]
         return streams, (int(h), int(w))
+
+    def expected_latent_shape(self, image_size: tuple[int, int]) -> tuple[int, ...]:
+        """The coarsest level's shape: the padded image over that level's downsampling (half
+        the stride under reflect padding)."""
+        coarsest = 2 ** (3 + self.levels)
+        return tuple(-(-s // self.stride) * self.stride // coarsest for s in image_size)
 
     def decode_codes(self, streams: list[bytes], latent_shape: tuple[int, ...]) -> list[Tensor]:
         """The codes (1, m, h_l, w_l) of every level, finest first, from the coded streams."""

@@ -153,6 +153,11 @@ class QResVAE(Codec):
 
     # ---- structure ----------------------------------------------------------------------------
     @property
+    def num_streams(self) -> int:
+        """One stream per rate group; a progressive file may hold only the first ones."""
+        return len(self.group_names)
+
+    @property
     def group_names(self) -> list[str]:
         """The rate groups, in coding order: z1 (coarsest) ... zL, then `pixels` if lossless."""
         names = [f"z{i + 1}" for i in range(len(self.latent_blocks))]

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from compressai.ans import RansDecoder, RansEncoder
+from compressai.ans import RansEncoder
 from compressai.models import MeanScaleHyperprior
 from compressai.ops import quantize_ste
 from compressai.zoo.image import cfgs
@@ -48,6 +48,7 @@ from src.codecs.importing import (
     rename_state,
 )
 from src.coding.container import BitstreamError, Rate
+from src.coding.rans import BoundedRansDecoder
 from src.errors import CheckpointError, ConfigError, LicError
 from src.losses.rate_distortion import LMBDA_LADDER
 
@@ -143,19 +144,20 @@ class QvrfCodec(CompressAICodec):
         self._rate = Rate.index(anchor)
 
     # ---- rates --------------------------------------------------------------------------------
+    def rate_error(self, rate: Rate) -> str | None:
+        """A trained index 0..num_rates-1 or a factor in `factor_range` is fine."""
+        if rate.kind == "index" and not 0 <= rate.value < self.num_rates:
+            return f"{self.name} has rate indices 0..{self.num_rates - 1}, not {int(rate.value)}"
+        low, high = self.factor_range
+        if rate.kind == "factor" and not low <= rate.value <= high:
+            return f"{self.name} takes factors in [{low:g}, {high:g}], not {rate.value:g}"
+        return None
+
     def set_rate(self, rate: Rate) -> None:
         """Code at a trained index 0..num_rates-1 or at a continuous factor (the gain itself)."""
-        if rate.kind == "index":
-            if not 0 <= rate.value < self.num_rates:
-                raise LicError(
-                    f"{self.name} has rate indices 0..{self.num_rates - 1}, not {int(rate.value)}"
-                )
-        else:
-            low, high = self.factor_range
-            if not low <= rate.value <= high:
-                raise LicError(
-                    f"{self.name} takes factors in [{low:g}, {high:g}], not {rate.value:g}"
-                )
+        problem = self.rate_error(rate)
+        if problem:
+            raise LicError(problem)
         self._rate = rate
 
     def current_rate(self) -> Rate:
@@ -338,8 +340,9 @@ class QvrfCodec(CompressAICodec):
         if self.autoregressive and self.coding_order == "wavefront":
             y_hat = self._walk_read(streams[0], params, a)
         elif self.autoregressive:
-            decoder = RansDecoder()
-            decoder.set_stream(streams[0])
+            h, w = latent_shape
+            decoder = BoundedRansDecoder()
+            decoder.set_stream(streams[0], net.context_prediction.in_channels * 16 * h * w)
             tables = self._tables()
 
             def read_here(scales: Tensor, means: Tensor, i: int, j: int) -> Tensor:

@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from compressai.ans import RansDecoder, RansEncoder
+from compressai.ans import RansEncoder
 from torch import Tensor
 
 from src.coding.container import BitstreamError
+from src.coding.rans import BoundedRansDecoder
 
 PRECISION = 16
 
@@ -116,7 +117,7 @@ class CategoricalCoder:
     def decode(self, data: bytes, indexes: Tensor) -> Tensor:
         """The symbols `encode` coded with these `indexes`, in their shape (int64)."""
         idx = indexes.flatten().long()
-        values = RansDecoder().decode_with_indexes(
+        values = BoundedRansDecoder().decode_with_indexes(
             data, idx.tolist(), self._cdfs, self._lengths, self._offsets
         )
         out = torch.tensor(values, dtype=torch.long)

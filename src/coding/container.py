@@ -46,6 +46,10 @@ MAX_SIDE = 1 << 16
 MAX_STREAMS = 4096
 MAX_SHAPE_DIMS = 8
 MAX_STREAM_BYTES = 1 << 30
+# The most pixels the framework decodes by default, from an image file or a coded one: 2^27
+# (e.g. 16384 x 8192), in the spirit of Pillow's MAX_IMAGE_PIXELS; a larger claim is refused
+# before any allocation.
+MAX_PIXELS = 2**27
 
 
 class BitstreamError(LicError):

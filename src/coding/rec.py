@@ -342,17 +342,23 @@ class RelativeEntropyCoder:
         var_p = sd_p * sd_p
         keys = self._block_keys(key, n_blocks)
         steps = int(n_aux.max()) if n_blocks else 0
-        step_frac, _ = _schedule_table(n_aux, steps)
-        idx = torch.zeros(n_blocks, steps, dtype=torch.int64)
         offsets = torch.cumsum(n_aux, 0) - n_aux
-        for b in range(n_blocks):
-            idx[b, : n_aux[b]] = code.indices[offsets[b] : offsets[b] + n_aux[b]]
+        # Step j touches only the blocks with more than j auxiliary variables (a prefix of the
+        # blocks sorted by count), so time and memory follow the code's length, never
+        # blocks x steps (which a crafted stream could make huge).
+        order = torch.argsort(n_aux, descending=True, stable=True)
+        counts = n_aux[order].tolist()
         total = torch.zeros_like(mu_p)
+        active = len(counts)
         for j in range(steps):
-            active = j < n_aux
-            eps = _candidates(_combine(keys, j), idx[:, j], length)
-            aux = torch.sqrt(step_frac[:, j, None] * var_p) * eps
-            total = torch.where(active.unsqueeze(1), total + aux, total)
+            while counts[active - 1] <= j:
+                active -= 1
+            blocks = order[:active]
+            frac = torch.tensor(
+                [_schedule(n)[0][j] for n in counts[:active]], dtype=torch.float64
+            ).unsqueeze(1)
+            eps = _candidates(_combine(keys[blocks], j), code.indices[offsets[blocks] + j], length)
+            total[blocks] = total[blocks] + torch.sqrt(frac * var_p[blocks]) * eps
         z = self._from_blocks(mu_p + total, perm, p_mean)
         if sample_check(z) != code.check:
             raise BitstreamError(

@@ -26,13 +26,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from src.coding.container import MAX_PIXELS
 from src.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-# 2**27 pixels (e.g. 16384 x 8192): far above any photo dataset, far below what exhausts memory.
-MAX_PIXELS = 2**27
+# MAX_PIXELS, 2**27 pixels (e.g. 16384 x 8192), is shared with coded files (src.coding.container):
+# far above any photo dataset, far below what exhausts memory.
 # EXIF orientations 5..8 swap width and height.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from src.codecs.base import Codec, tile_regions
-from src.coding.container import Rate, unpack, unpack_tile
+from src.coding.container import MAX_PIXELS, Rate, unpack, unpack_tile
 from src.errors import ConfigError
 from src.evaluation.baselines import BaselinePoint, quality_at_rate, rate_at_quality
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
@@ -107,11 +107,13 @@ def evaluate_image(
     perceptual: Callable[[Tensor, Tensor], dict[str, float]] | None = None,
     counting: Counting = Counting(),
     on_decoded: Callable[[Tensor], None] | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> ImageResult:
     """Code one (1, 3, H, W) image (at `rate` for a variable-rate codec; tile by tile above
     `tile`), count it as `counting` says and measure it against its JPEG curve at the same rate;
     `perceptual(x, x_hat)` adds figures such as LPIPS (on the 8-bit image); `on_decoded(x_hat)`
-    sees the decoded 8-bit image (the report keeps crops)."""
+    sees the decoded 8-bit image (the report keeps crops). Decoding refuses files of more than
+    `max_pixels` pixels."""
     h, w = x.shape[-2:]
     regions = tile_regions((h, w), tile)
     start = time.perf_counter()
@@ -122,7 +124,7 @@ def evaluate_image(
         encoded, data = None, codec.compress_to_bytes(x, rate, tile=tile)
     encoding_time = time.perf_counter() - start
     start = time.perf_counter()
-    x_float = codec.decompress_bytes(data)
+    x_float = codec.decompress_bytes(data, max_pixels=max_pixels)
     x_hat = quantize_8bit(x_float)
     decoding_time = time.perf_counter() - start
     if on_decoded is not None:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from src.codecs.base import Codec
 from src.codecs.loading import load_codec
-from src.coding.container import Rate
+from src.coding.container import MAX_PIXELS, Rate
 from src.errors import CheckpointError, ConfigError
 from src.evaluation.baselines import (
     CLASSICAL_CODECS,
@@ -274,6 +274,7 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
                     perceptual=perceptual and perceptual.image,
                     counting=counting,
                     on_decoded=decoded.append if n in crops else None,
+                    max_pixels=cfg.get("max_pixels") or MAX_PIXELS,
                 )
                 results.append(result)
                 if n in crops:
