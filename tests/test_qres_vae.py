@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -20,6 +19,7 @@ from src import generate
 from src.cli import main as cli_main
 from src.codecs.loading import load_codec
 from src.codecs.qres_vae import QResVAE
+from src.coding.container import keep_first_streams, unpack
 from src.datamodules.images import decode_rgb
 from src.errors import ConfigError, LicError
 from src.evaluation.baselines import to_pil
@@ -164,35 +164,59 @@ def test_progressive_decoding_refines_monotonically(trained, photo, tmp_path):
     with pytest.raises(LicError, match="levels must be in 0..12"):
         trained.decompress(encoded, levels=13)
 
-    # The CLI's --levels decodes a real file the same way.
+
+def lic(*args: object) -> int:
+    return cli_main([str(a) for a in args])
+
+
+def test_files_of_the_first_k_groups_decode_alone(trained, photo, tmp_path, capsys):
+    """A file written with `compress --levels k`, or cut from a full file with `cut`, holds k
+    streams and decodes (without --levels) to the image `decompress --levels k` makes of the
+    full file."""
     ckpt = save_codec(trained, tmp_path / "qres.ckpt")
     to_pil(photo).save(tmp_path / "in.png")
-    assert (
-        cli_main(
-            ["compress", "--ckpt", str(ckpt), str(tmp_path / "in.png"), str(tmp_path / "x.lic")]
-        )
-        == 0
+    assert lic("compress", "--ckpt", ckpt, tmp_path / "in.png", tmp_path / "full.lic") == 0
+    k3_file = tmp_path / "k3.lic"
+    assert lic("compress", "--ckpt", ckpt, "--levels", 3, tmp_path / "in.png", k3_file) == 0
+    assert lic("cut", tmp_path / "full.lic", tmp_path / "cut3.lic", "--levels", 3) == 0
+    full, k3 = (tmp_path / "full.lic").read_bytes(), (tmp_path / "k3.lic").read_bytes()
+    assert (tmp_path / "cut3.lic").read_bytes() == k3 == keep_first_streams(full, 3)
+    assert len(unpack(k3).streams) == 3 and len(k3) < len(full)
+    a_png = tmp_path / "a.png"
+    assert lic("decompress", "--ckpt", ckpt, "--levels", 3, tmp_path / "full.lic", a_png) == 0
+    assert lic("decompress", "--ckpt", ckpt, tmp_path / "k3.lic", tmp_path / "b.png") == 0
+    from_full = decode_rgb(a_png).unsqueeze(0)
+    assert torch.equal(decode_rgb(tmp_path / "b.png").unsqueeze(0), from_full)
+    assert torch.equal(from_full.float().div(255), quantize_8bit(trained.decompress_bytes(full, 3)))
+    # The later groups are not in the file: asking for them is refused, not made up.
+    assert lic("decompress", "--ckpt", ckpt, "--levels", 4, k3_file, tmp_path / "c.png") == 2
+    assert "holds 3 of 12 coded groups" in capsys.readouterr().err
+    # Fewer levels of a cut file still decode; so does a tiled file cut tile by tile.
+    assert torch.equal(trained.decompress_bytes(k3, 2), trained.decompress_bytes(full, 2))
+    wide = torch.cat([photo, photo.flip(-1)], dim=-1)
+    tiled = trained.compress_to_bytes(wide, tile=64)
+    assert torch.equal(
+        trained.decompress_bytes(keep_first_streams(tiled, 5)), trained.decompress_bytes(tiled, 5)
     )
-    assert (
-        cli_main(
-            [
-                "decompress",
-                "--ckpt",
-                str(ckpt),
-                "--levels",
-                "3",
-                str(tmp_path / "x.lic"),
-                str(tmp_path / "k3.png"),
-            ]
-        )
-        == 0
-    )
-    k3 = decode_rgb(tmp_path / "k3.png").float().div(255).unsqueeze(0)
-    assert torch.equal(k3, quantize_8bit(trained.decompress(encoded, levels=3)))
+    assert keep_first_streams(tiled, 5) == trained.compress_to_bytes(wide, tile=64, levels=5)
 
 
-def test_progressive_evaluation_writes_the_curve_and_strips(trained, photo, tmp_path):
+def test_progressive_evaluation_writes_the_curve_and_strips(trained, photo, tmp_path, monkeypatch):
+    """Each point of the curve is coded and decoded as the file of its first k groups: the
+    decoder sees exactly k streams (never the full file) and the rate is that file's size."""
+    seen: list[tuple[int, int | None]] = []
+    decode = trained._decompress_padded
+
+    def recording(streams, latent_shape, levels=None):
+        seen.append((len(streams), levels))
+        return decode(streams, latent_shape, levels)
+
+    monkeypatch.setattr(trained, "_decompress_padded", recording)
     curve = evaluate_progressive(trained, [photo], ["face.png"], "qres", tmp_path)
+    assert seen == [(k, None) for k in range(1, 13)]
+    full = trained.compress_to_bytes(photo)
+    for k, bpp in zip(range(1, 13), curve["bpp"]):
+        assert bpp == pytest.approx(8 * len(keep_first_streams(full, k)) / 64**2)
     assert curve["levels"] == [float(k) for k in range(1, 13)]
     assert curve["bpp"] == sorted(curve["bpp"]) and curve["bpp"][0] < curve["bpp"][-1]
     assert curve["psnr"][-1] > curve["psnr"][0]
@@ -345,12 +369,39 @@ def test_generate_commands_write_png_grids(trained, photo, sample_root, tmp_path
         assert grid.size == (6 * 66 + 2, 66 + 2)  # a, 4 blends, b
     with Image.open(tmp_path / "p.png") as grid:
         assert grid.size == (4 * 66 + 2, 66 + 2)  # original, masked, 2 samples
-        inpainted = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
-    # Outside the box every inpainted sample is the original image.
-    sample = inpainted[:, 2:66, 3 * 66 + 2 : 4 * 66].float().div(255)
-    outside = torch.ones(64, 64, dtype=torch.bool)
-    outside[16:48, 16:48] = False
-    assert torch.allclose(sample[:, outside], quantize_8bit(photo)[0][:, outside], atol=1 / 255)
+    raw = ["--n", "2", "--raw", *box, a]
+    assert run_generate("inpaint", ckpt, tmp_path / "r.png", *raw) == 0
+    with Image.open(tmp_path / "r.png") as grid:
+        assert grid.size == (4 * 66 + 2, 66 + 2)
+
+
+def test_inpainting_keeps_1x1_latents_and_can_return_the_raw_sample(trained, photo):
+    # A 64 x 64 image has a 1 x 1 top latent. Every prior sample is drawn whether kept or not,
+    # so with the same seed, inpainting the whole image equals sampling with z1 given alone
+    # exactly when the 1 x 1 latent is kept (redrawing it would change every pixel).
+    latents = trained.latents(photo)
+    assert latents[0].shape[-2:] == (1, 1)
+    torch.manual_seed(3)
+    whole = trained.generate(1, (64, 64), latents, 1.0, box=(0.0, 0.0, 1.0, 1.0))
+    torch.manual_seed(3)
+    top_only = trained.generate(1, (64, 64), latents[:1], 1.0)
+    assert torch.equal(whole, top_only)
+
+    box = (0.25, 0.25, 0.75, 0.75)
+    torch.manual_seed(4)
+    masked, raw = generate.inpaint(trained, photo, box, n=2, temperature=0.5, raw=True)
+    torch.manual_seed(4)
+    _, pasted = generate.inpaint(trained, photo, box, n=2, temperature=0.5)
+    torch.manual_seed(4)
+    expected = trained.generate(
+        2, (64, 64), trained.latents(masked.expand(2, -1, -1, -1)), 0.5, box
+    )
+    assert torch.equal(raw, expected)  # the decoded sample itself
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[16:48, 16:48] = True
+    assert torch.equal(pasted[..., inside], raw[..., inside])
+    assert torch.equal(pasted[..., ~inside], photo.expand(2, -1, -1, -1)[..., ~inside])
+    assert not torch.allclose(raw[..., ~inside], pasted[..., ~inside], atol=1 / 255)
 
 
 def test_generate_refuses_bad_input_with_clear_errors(trained, tmp_path, capsys):
