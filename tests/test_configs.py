@@ -63,7 +63,7 @@ def test_several_loggers_at_once(compose_train):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(compose_train, experiment):
-    cfg = compose_train(f"experiment={experiment}", tiny=False)
+    cfg = compose_train(f"experiment={experiment}", tiny=False, sample_data=False)
     hydra.utils.instantiate(cfg.model)
 
 
