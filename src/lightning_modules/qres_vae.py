@@ -345,6 +345,8 @@ class QResVAETraining(RateDistortion):
             results[kind] = {n: m.compute() for n, m in metrics.items() if m.update_count > 0}
             for metric in metrics.values():
                 metric.reset()
+        if "loss" not in results["ema"] or "loss" not in results["plain"]:
+            return  # no validation batch was seen
         self.kept = "plain" if results["plain"]["loss"] < results["ema"]["loss"] else "ema"
         for kind, values in results.items():
             for name, value in values.items():
