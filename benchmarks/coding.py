@@ -5,6 +5,9 @@ freshly initialised and prepared): the real file size over the likelihood estima
 <= 1.01), the framework's compress / decompress seconds (container, fingerprint, padding and CRC
 included) over CompressAI's `compress` / `decompress` on the same network (target <= 1.05x,
 best of `--repeats`), and the peak resident memory of a process that only codes that image.
+For the context models (mbt2018, cheng2020) the framework codes in wavefront order by default;
+they also get our raster order's seconds beside the wavefront's and the ratio (goal: Cheng 2020
+decoding >= 5x faster than raster), each order's real/estimated bits.
 `--huge 4000` also codes a 4000×4000 image in tiles of `--tile` and reports its peak memory.
 
     python benchmarks/coding.py [--quality 3] [--repeats 3] [--presets bmshj2018_hyperprior ...]
@@ -92,17 +95,29 @@ def measure(
     ref_enc, ref = best_of(repeats, lambda: codec.net.compress(padded))
     ref_dec, _ = best_of(repeats, lambda: codec.net.decompress(ref["strings"], ref["shape"]))
     estimated = float(codec(x).total_bits().sum())
-    return {
+    row = {
         "preset": preset,
         "image": "768x512",
+        "order": codec.coding_order,
         "bpp": 8 * len(data) / (768 * 512),
         "real_over_estimated": 8 * len(data) / estimated,
         "compress_s": ours_enc,
         "compress_vs_compressai": ours_enc / ref_enc,
         "decompress_s": ours_dec,
         "decompress_vs_compressai": ours_dec / ref_dec,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if "wavefront" in codec.coding_orders:
+        codec.set_coding_options(coding_order="raster")
+        raster_enc, raster = best_of(repeats, lambda: codec.compress_to_bytes(x))
+        raster_dec, _ = best_of(repeats, lambda: codec.decompress_bytes(raster))
+        row |= {
+            "raster_compress_s": raster_enc,
+            "raster_decompress_s": raster_dec,
+            "raster_real_over_estimated": 8 * len(raster) / estimated,
+            "wavefront_encode_speedup": raster_enc / ours_enc,
+            "wavefront_decode_speedup": raster_dec / ours_dec,
+        }
+    return row | {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -164,6 +179,20 @@ def main() -> None:
             print(
                 f"{r['preset']:22} {r['image']} in {r['tile']}-px tiles: {r['seconds']:.1f} s, "
                 f"peak {r['peak_rss_mb']:.0f} MB"
+            )
+    waves = [r for r in rows if "raster_decompress_s" in r]
+    if waves:
+        print()
+        print(
+            f"{'context model':22} {'raster enc':>10} {'wave enc':>9} {'x':>6} "
+            f"{'raster dec':>10} {'wave dec':>9} {'x':>6} {'real/est r':>10} {'real/est w':>10}"
+        )
+        for r in waves:
+            print(
+                f"{r['preset']:22} {r['raster_compress_s']:10.2f} {r['compress_s']:9.2f} "
+                f"{r['wavefront_encode_speedup']:6.1f} {r['raster_decompress_s']:10.2f} "
+                f"{r['decompress_s']:9.2f} {r['wavefront_decode_speedup']:6.1f} "
+                f"{r['raster_real_over_estimated']:10.4f} {r['real_over_estimated']:10.4f}"
             )
 
 

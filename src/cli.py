@@ -102,6 +102,7 @@ def _inspect(args: argparse.Namespace) -> None:
         rows, cols = c.tile_grid()
         print(f"tiles:        {rows}x{cols} of {c.tile} px")
     print(f"rate:         {c.rate if c.rate is not None else 'fixed'}")
+    print(f"coding order: {c.order}")
     print(f"streams:      {', '.join(str(len(s)) for s in c.streams)} bytes")
     print(f"file:         {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp")
 

@@ -132,7 +132,8 @@ def print_summary(trainer: pl.Trainer, output_dir: Path) -> None:
     callback = trainer.checkpoint_callback
     last = Path(callback.last_model_path) if callback.last_model_path else None
     best = Path(callback.best_model_path) if callback.best_model_path else None
-    chosen = best or last
+    # Unmonitored (HiFIC's stage B), "best" is only the newest state at a validation: take last.
+    chosen = (best or last) if callback.monitor is not None else (last or best)
     print(f"\nRun directory:   {output_dir}")
     if last:
         print(f"Last checkpoint: {last}")

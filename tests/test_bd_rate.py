@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import bjontegaard
 import pytest
 
 from src.evaluation.bd_rate import bd_quality, bd_rate
@@ -60,3 +61,12 @@ def test_order_of_points_does_not_matter():
     assert bd_rate(*BPG444, *shuffled).value == pytest.approx(
         bd_rate(*BPG444, *CHENG2020_ANCHOR).value
     )
+
+
+@pytest.mark.parametrize("method", ["pchip", "akima"])
+@pytest.mark.parametrize("test", [CHENG2020_ANCHOR, HYPERPRIOR], ids=["cheng2020", "hyperprior"])
+def test_bd_rate_agrees_with_the_bjontegaard_package(test, method):
+    """A cross-check against the `bjontegaard` package (a test dependency only) on CompressAI's
+    published Kodak curves."""
+    theirs = bjontegaard.bd_rate(*BPG444, *test, method=method, require_matching_points=False)
+    assert bd_rate(*BPG444, *test, method=method).value == pytest.approx(theirs, abs=1e-9)

@@ -67,6 +67,12 @@ def test_every_experiment_composes(compose_train, experiment):
     hydra.utils.instantiate(cfg.model)
 
 
+def test_every_experiment_has_its_own_run_name(compose_train):
+    names = {e: compose_train(f"experiment={e}", tiny=False).run_name for e in EXPERIMENTS}
+    assert len(set(names.values())) == len(names), names
+    assert all(name.startswith(e) for e, name in names.items()), names
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_every_lr_schedule_builds(compose_train, schedule):
     cfg = compose_train(f"lr_schedule={schedule}")

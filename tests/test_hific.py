@@ -12,10 +12,11 @@ import torch
 
 from src.codecs.hific import HificCodec
 from src.codecs.loading import load_codec
+from src.datamodules.images import decode_rgb
 from src.errors import CheckpointError, ConfigError
 from src.evaluation.metrics import quantize_8bit
 from src.lightning_modules.hific import Hific
-from src.losses.adversarial import discriminator_loss, generator_loss
+from src.losses.adversarial import ConditionalDiscriminator, discriminator_loss, generator_loss
 from src.losses.target_rate import TargetRate
 from src.training import train
 from src.utils.checkpoints import load_weights, read_checkpoint
@@ -92,7 +93,7 @@ def test_stage_a_trains_the_codec_without_a_discriminator(stage_a):
 
 
 def test_stage_b_warm_starts_from_stage_a_and_the_discriminator_starts_fresh(
-    stage_a, tmp_path, sample_root
+    stage_a, tmp_path, sample_root, capsys
 ):
     ckpt, _ = stage_a
     cfg = compose_hific(tmp_path, sample_root, "model=hific", "regime=low", f"ckpt={ckpt}")
@@ -126,6 +127,13 @@ def test_stage_b_warm_starts_from_stage_a_and_the_discriminator_starts_fresh(
     # Validation logs original | stage A | now: stage A's reconstructions were kept at the start.
     x, x_start = capture.module._reference
     assert x.shape == x_start.shape == (1, 3, 64, 64)
+    # best.ckpt is the final state, not the one val/loss ranks first.
+    best = read_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    assert best["global_step"] == 2
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in capture.end.items())
+    out = capsys.readouterr().out.splitlines()
+    evaluate_line = next(line for line in out if "Evaluate it" in line)
+    assert evaluate_line.endswith("last.ckpt")
 
 
 def test_a_warm_start_tolerates_only_the_discriminator_keys(stage_a, tmp_path, sample_root):
@@ -247,18 +255,36 @@ def test_missing_lpips_weights_stop_with_what_to_place_where(tmp_path, sample_ro
     assert "model.lpips_weights" in message
 
 
-def test_round_trip_through_the_container_equals_the_test_mode_forward(stage_a):
+def test_round_trip_through_the_container_equals_the_test_mode_forward(stage_a, sample_root):
     codec = load_codec(stage_a[0])
-    x = torch.rand(1, 3, 50, 70)
+    photo = next((sample_root / "val").iterdir())
+    x = decode_rgb(photo)[:, :200, :300].float().div(255).unsqueeze(0)
     data = codec.compress_to_bytes(x)
     decoded = codec.decompress_bytes(data)
     with torch.no_grad():
         forward = codec(x)
     assert decoded.shape == x.shape
     assert torch.equal(quantize_8bit(decoded), quantize_8bit(forward.x_hat.clamp(0, 1)))
-    # The real file costs about what the forward pass estimates for the rounded latents.
-    estimate = float(forward.total_bits())
-    assert 0.5 * estimate < 8 * len(data) < 2 * estimate + 8 * 64
+    # Padding to 16: a 200×300 image codes a 13×19 latent, not the 16×20 of padding to 64.
+    assert codec.compress(x).latent_shape == (13, 19)
+
+
+@torch.no_grad()
+def test_the_streams_cost_the_estimate_within_5_percent(sample_root):
+    """Real rANS bits against the eval forward's -log2 p of the rounded latents. The codec is
+    tiny and untrained but given sensible scales (σ = 2): an untrained one's far-out symbols are
+    escape-coded below their estimated cost, which says nothing about the coder."""
+    torch.manual_seed(0)
+    codec = HificCodec(N=4, M=8, hyper_channels=8, n_residual_blocks=1).eval()
+    codec.hyper_scale[4].weight.mul_(0.01)
+    codec.hyper_scale[4].bias.fill_(2.0)
+    codec.prepare_for_coding()
+    for photo in sorted((sample_root / "val").iterdir()):
+        x = decode_rgb(photo)[:, :256, :384].float().div(255).unsqueeze(0)
+        out = codec(x)
+        streams = codec.compress(x).streams
+        for (name, bits), stream in zip(out.bits.items(), streams):  # y, then z
+            assert abs(8 * len(stream) - float(bits)) < 0.05 * float(bits), (photo.name, name)
 
 
 def test_gan_losses_reward_the_right_side():
@@ -280,10 +306,14 @@ def test_paper_size_preset_composes_and_counts_its_parameters(tmp_path, sample_r
     assert counts == {
         "encoder": 7_423_420,
         "generator": 156_774_683,
-        "hyperprior": 17_283_000,
-        "discriminator": 2_793_117,
+        "hyperprior": 17_278_200,  # z's density with filters (3, 3, 3)
+        "discriminator": 2_800_797,  # the TF reference's PatchGAN
     }
     assert "generator" in capsys.readouterr().out
+    port = compose_config(
+        tmp_path, sample_root, "model=hific", "regime=low", "model.discriminator=port", tiny=False
+    )
+    assert hydra.utils.instantiate(port.model).parameter_counts()["discriminator"] == 2_793_117
 
 
 def test_stage_b_resumes_with_its_three_optimisers_and_the_g_d_alternation(
@@ -333,3 +363,123 @@ def test_stage_b_trains_with_ddp_on_two_cpu_processes(tmp_path, sample_root):
     checkpoint = read_checkpoint(ckpt)
     assert checkpoint["global_step"] >= 1
     assert int(checkpoint["state_dict"]["discriminator.steps_taken"]) == checkpoint["global_step"]
+
+
+@pytest.mark.parametrize(("layout", "stride", "field"), [("tf", 8, 70), ("port", 16, 46)])
+def test_discriminator_layouts_give_their_patch_sizes(layout, stride, field):
+    torch.manual_seed(0)
+    disc = ConditionalDiscriminator(8, (4, 4, 4, 4), 2, layout=layout)
+    x = torch.rand(1, 3, 256, 256, requires_grad=True)
+    logits = disc(x, torch.rand(1, 8, 16, 16))
+    assert logits.shape == (1, 1, 256 // stride, 256 // stride)
+    centre = logits.shape[-1] // 2
+    logits[0, 0, centre, centre].backward()
+    rows = (x.grad.abs().sum(dim=(0, 1, 3)) > 0).nonzero()
+    assert int(rows.max() - rows.min()) + 1 == field  # the receptive field, in pixels
+    with pytest.raises(ConfigError, match="model.discriminator"):
+        ConditionalDiscriminator(8, layout="pix2pix")
+
+
+def tiny_stage_b(tmp_path, sample_root, *overrides: str) -> Hific:
+    cfg = compose_hific(tmp_path, sample_root, "model=hific", "regime=low", *overrides)
+    return hydra.utils.instantiate(cfg.model)
+
+
+def test_generator_loss_is_the_paper_composition(tmp_path, sample_root):
+    module = tiny_stage_b(tmp_path, sample_root).train()
+    x = torch.rand(2, 3, 64, 64)
+    torch.manual_seed(3)
+    terms = module.generator_terms(x)
+    torch.manual_seed(3)  # the same quantisation noise
+    out = module.codec(x)
+    pixels = 2 * 64 * 64
+    bpp = out.total_bits().sum() / pixels
+    quantized_bpp = float(out.extras["quantized_bits"].sum()) / pixels
+    rate_weight = module.rate_target.weight(quantized_bpp, step=0)
+    mse_255 = ((x - out.x_hat) * 255).pow(2).mean()
+    lpips = module.lpips(x, out.x_hat).mean()
+    fake = module.discriminator(out.x_hat, out.extras["y_hat"])
+    gan = torch.nn.functional.softplus(-fake).mean()  # non-saturating: −log σ(D(x̂))
+    expected = rate_weight * bpp + 0.075 * 2**-5 * mse_255 + 1.0 * lpips + 0.15 * gan
+    torch.testing.assert_close(terms["loss"], expected)
+    # D: real patches towards 1, decoded ones towards 0, both with the image's own ŷ.
+    module.eval()
+    with torch.no_grad():
+        out = module.codec(x)
+        y_hat = out.extras["y_hat"]
+        real = module.discriminator(x, y_hat)
+        fake = module.discriminator(out.x_hat, y_hat)
+        expected_d = (
+            torch.nn.functional.softplus(-real).mean() + torch.nn.functional.softplus(fake).mean()
+        )
+        torch.testing.assert_close(module.discriminator_terms(x)["loss"], expected_d)
+
+
+def test_each_image_meets_its_own_latent_in_the_discriminator(tmp_path, sample_root):
+    module = tiny_stage_b(tmp_path, sample_root).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        own = [module.codec(x[i : i + 1]) for i in range(3)]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    module.discriminator.register_forward_hook(lambda m, args, out: seen.append(args))
+    with torch.no_grad():
+        module.discriminator_terms(x)
+    ((images, latents),) = seen
+    for i in range(3):
+        for row, image in ((i, x[i]), (3 + i, own[i].x_hat[0])):  # real, then decoded
+            torch.testing.assert_close(images[row], image, rtol=0, atol=1e-5)
+            torch.testing.assert_close(latents[row], own[i].extras["y_hat"][0], rtol=0, atol=1e-5)
+    # The generator's term: x̂_i with the ŷ_i of the same (noisy) forward pass.
+    outputs = []
+    module.codec.register_forward_hook(lambda m, args, out: outputs.append(out))
+    module.train().generator_terms(x)
+    decoded, g_latents = seen[1]
+    assert torch.equal(decoded, outputs[0].x_hat)
+    assert torch.equal(g_latents, outputs[0].extras["y_hat"])
+
+
+def test_the_generator_decodes_the_rounded_latent_straight_through():
+    codec = HificCodec(N=4, M=8, hyper_channels=8, n_residual_blocks=1).train()
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            value = args[0] if name == "y_hat" else out
+            value.retain_grad()
+            seen[name] = value
+
+        return hook
+
+    codec.encoder.register_forward_hook(keep("y"))
+    codec.hyper_mean.register_forward_hook(keep("means"))
+    codec.generator.register_forward_hook(keep("y_hat"))
+    codec(torch.rand(2, 3, 64, 64)).x_hat.sum().backward()
+    offsets = seen["y_hat"] - seen["means"][..., :4, :4]
+    torch.testing.assert_close(offsets, offsets.round(), rtol=0, atol=1e-5)  # what coding sends
+    assert offsets.abs().max() > 0.5
+    # Straight through: the decoder's gradient reaches y unchanged, and none goes to the means.
+    torch.testing.assert_close(seen["y"].grad, seen["y_hat"].grad)
+    assert seen["means"].grad is None or not seen["means"].grad.any()
+
+
+@pytest.mark.parametrize("regime", ["low", "med", "high"])
+def test_paper_preset_is_the_tf_reference_training(tmp_path, sample_root, regime):
+    stages = {}
+    for model in ("hific_base", "hific"):
+        cfg = compose_config(
+            tmp_path,
+            sample_root,
+            "experiment=hific_paper",
+            f"regime={regime}",
+            f"model={model}",
+            tiny=False,
+        )
+        stages[model] = cfg
+        assert cfg.run_name == f"hific_paper_{regime}_{model}"
+        assert (cfg.data.crop, cfg.data.batch_size) == (256, 8)
+        assert list(cfg.data.downscale) == [0.75, 0.95] and cfg.data.flip is False
+        assert cfg.trainer.max_steps == 1_000_000
+        assert list(cfg.model.scheduler.milestones) == [500_000]
+        assert cfg.model.optimizer.lr == 1e-4 and cfg.model.rate_warmup_steps == 50_000
+        assert cfg.model.codec.signed_io is False and cfg.model.discriminator == "tf"
+    assert not stages["hific_base"].model.adversarial and stages["hific"].model.adversarial

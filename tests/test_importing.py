@@ -19,18 +19,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_WIDTHS = {"cheng2020-anchor": (8,), "cheng2020-attn": (8,)}
 
 
-def zoo_style(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CompressAI 1.2.8 state dict as the zoo's older files store it: trained under
-    DataParallel, the entropy bottleneck's parameters as lists."""
-    old = {}
-    for key, value in state.items():
-        key = re.sub(
-            r"entropy_bottleneck\._(matrix|bias|factor)(\d)", r"entropy_bottleneck._\1_\2", key
-        )
-        key = key.replace("._matrix_", "._matrices.").replace("._bias_", "._biases.")
-        key = key.replace("._factor_", "._factors.")
-        old[f"module.{key}"] = value
-    return old
+def zoo_style(
+    state: dict[str, torch.Tensor], lists: str = "_{name}.{i}"
+) -> dict[str, torch.Tensor]:
+    """A CompressAI 1.2.8 state dict as older files store it: trained under DataParallel, the
+    entropy bottleneck's parameter lists named as in the zoo's files (`_matrices.0`) or, with
+    `lists="_{one}{i}"`, as CompressAI 1.1 names them (`_matrix0`)."""
+    singular = {"matrices": "matrix", "biases": "bias", "factors": "factor"}
+
+    def old_list(match: re.Match) -> str:
+        name, i = match.group(1), match.group(2)
+        return "." + lists.format(name=name, one=singular[name], i=i)
+
+    lists_re = re.compile(r"\.(matrices|biases|factors)\.(\d+)$")
+    return {f"module.{lists_re.sub(old_list, key)}": value for key, value in state.items()}
 
 
 def compressai_model(arch: str, seed: int = 0):
@@ -48,6 +50,7 @@ def test_zoo_file_imports_to_byte_identical_streams(arch, tmp_path):
     torch.save(zoo_style(net.state_dict()), source)
     _, out = import_weights("compressai", source, tmp_path / "out.ckpt", arch=arch, quality=2)
     codec = load_codec(out)
+    codec.set_coding_options(coding_order="raster")  # CompressAI's own order, for byte parity
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     reference = [group[0] for group in net.compress(x)["strings"]]
     assert codec.compress(x).streams == reference
@@ -55,6 +58,17 @@ def test_zoo_file_imports_to_byte_identical_streams(arch, tmp_path):
         codec.decompress_bytes(codec.compress_to_bytes(x)),
         net.decompress([[s] for s in reference], net.compress(x)["shape"])["x_hat"].clamp(0, 1),
     )
+
+
+def test_compressai_1_1_key_names_import(tmp_path):
+    net = compressai_model("mbt2018-mean")
+    old = zoo_style(net.state_dict(), lists="_{one}{i}")
+    assert "module.entropy_bottleneck._matrix0" in old
+    torch.save(old, tmp_path / "w.pth.tar")
+    codec, _ = import_weights(
+        "compressai", tmp_path / "w.pth.tar", tmp_path / "o.ckpt", "mbt2018-mean", 1
+    )
+    assert torch.equal(codec.net.entropy_bottleneck.matrices[0], net.entropy_bottleneck.matrices[0])
 
 
 def test_published_name_says_arch_and_quality(tmp_path):

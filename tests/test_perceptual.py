@@ -20,7 +20,7 @@ from src.codecs.hific import HificCodec
 from src.errors import ConfigError
 from src.evaluation.perceptual import INCEPTION_FILE, PerceptualMetrics, patches
 from src.evaluation.run import evaluate
-from src.losses.perceptual import LPIPS, TRUNKS
+from src.losses.perceptual import LPIPS, SHIPPED_HEADS, TRUNKS
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,10 +34,8 @@ def lpips_dir(tmp_path_factory) -> Path:
     torch.save(
         torchvision.models.alexnet(weights=None).state_dict(), directory / TRUNKS["alex"].trunk_file
     )
-    heads = {
-        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) / c
-        for i, c in enumerate(TRUNKS["alex"].channels)
-    }
+    channels = (64, 192, 384, 256, 256)
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) / c for i, c in enumerate(channels)}
     torch.save(heads, directory / TRUNKS["alex"].heads_file)
     return directory
 
@@ -58,15 +56,23 @@ def test_lpips_loads_the_public_file_layouts(lpips_dir):
     lpips = LPIPS(lpips_dir)
     trunk = torch.load(lpips_dir / TRUNKS["alex"].trunk_file)
     heads = torch.load(lpips_dir / TRUNKS["alex"].heads_file)
-    assert torch.equal(lpips.slices[0][0].weight, trunk["features.0.weight"])
-    assert torch.equal(lpips.slices[4][0].weight, trunk["features.10.weight"])
-    assert torch.equal(lpips.heads[2].weight, heads["lin2.model.1.weight"])
+    assert torch.equal(lpips.net.net.slice1[0].weight, trunk["features.0.weight"])
+    assert torch.equal(lpips.net.net.slice5[0].weight, trunk["features.10.weight"])
+    assert torch.equal(lpips.net.lin2.model[1].weight, heads["lin2.model.1.weight"])
     assert not any(p.requires_grad for p in lpips.parameters())
     x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
     assert torch.allclose(lpips(x, x), torch.zeros(2))
     d = lpips(x, y)
     assert d.shape == (2,) and (d > 0).all()
     assert torch.allclose(d, lpips(y, x))
+
+
+def test_lpips_heads_come_with_torchmetrics_when_the_directory_has_none(tmp_path, lpips_dir):
+    trunk = TRUNKS["alex"].trunk_file
+    (tmp_path / trunk).write_bytes((lpips_dir / trunk).read_bytes())
+    lpips = LPIPS(tmp_path)
+    shipped = torch.load(SHIPPED_HEADS / "alex.pth", map_location="cpu")
+    assert torch.equal(lpips.net.lin4.model[1].weight, shipped["lin4.model.1.weight"])
 
 
 def test_lpips_names_the_missing_file_and_where_to_put_it(tmp_path, lpips_dir):

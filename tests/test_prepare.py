@@ -113,6 +113,37 @@ def test_clic_folder_and_large_images_filter(tmp_path):
     assert "700x300 is smaller than the minimum size 512" in reasons
 
 
+def test_qvrf_keeps_the_largest_images_and_halves_those_over_512(tmp_path, capsys):
+    from PIL import Image
+
+    from src.datamodules.prepare import halve_large
+
+    download = tmp_path / "imagenet"
+    sizes = {"a.png": (700, 600), "b.jpg": (1025, 513), "c.png": (900, 500), "d.png": (100, 80)}
+    for name, size in sizes.items():
+        write_image(download / "n01" / name, size)
+    out = tmp_path / "qvrf"
+    args = ["qvrf", str(download), str(out), "--largest", "3", "--split", "train", "--workers", "1"]
+    assert main(args) == 0
+    source = LmdbSource(out / "train")
+    kept = dict(zip(source.names, source.sizes(range(len(source.names)))))
+    # by pixels: b, c, a; a and b have a shorter side over 512 and are halved, c (500) is not
+    assert kept == {"n01/a.png": (350, 300), "n01/b.jpg": (512, 256), "n01/c.png": (900, 500)}
+    assert "next: python train.py data=qvrf" in capsys.readouterr().out
+    original = Image.open(download / "n01" / "c.png").convert("RGB")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(source.read_bytes(2)))), original)
+    # the halving is bicubic (a = -0.75): a linear ramp stays a ramp, sampled at pixel centres
+    ramp = np.tile(np.arange(0, 1200, 1, dtype=np.float64) / 1200 * 255, (600, 1))
+    img = Image.fromarray(np.stack([ramp] * 3, -1).round().astype(np.uint8))
+    half = np.asarray(halve_large(img), dtype=np.float64)
+    assert half.shape == (300, 600, 3)
+    centres = (np.arange(600) * 2 + 0.5) / 1200 * 255
+    assert np.abs(half[150, 2:-2, 0] - centres[2:-2]).max() <= 1.0
+    assert halve_large(original) is original
+    with pytest.raises(ConfigError, match="--largest 0"):
+        prepare("qvrf", download, out, largest=0)
+
+
 def test_celeba_faces_become_64_pixel_squares_in_the_official_partition(tmp_path):
     folder = tmp_path / "img_align_celeba"
     for i in (1, 2, 3, 4):

@@ -88,8 +88,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, sample_root):
 
 
 def test_warm_start_from_a_checkpoint_copies_weights_only(tmp_path, sample_root):
-    first = run_script("train.py", tiny_args(tmp_path, sample_root))
+    first = run_script(
+        "train.py", [*tiny_args(tmp_path, sample_root), "callbacks.progress_bar.interval=0"]
+    )
     _ok(first)
+    # output is not a terminal here: plain progress lines instead of an invisible Rich bar
+    assert "training step: 4/4 (100 %)" in first.stdout and "validation at step" in first.stdout
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     dump = tmp_path / "start_state.pt"
     warm = run_script(
@@ -198,6 +202,8 @@ def test_evaluate_draws_the_sweep_curve_against_classical_codecs(tmp_path, sweep
     assert rows["jpeg"]["anchor"] == "webp"  # every curve against the anchor, classical ones too
     assert {"psnr", "ms_ssim"} <= set(rows["jpeg"]) and rows["jpeg"]["psnr"]["value"] > 0
     assert "BD-rate against webp" in proc.stdout
+    page = out.joinpath("report.html").read_text()  # two images side by side, all embedded
+    assert page.count("<figure>") == 2 * (1 + 1 + 4) and "src='http" not in page
     if not shutil.which("cjxl"):
         assert "baseline jxl skipped" in proc.stdout
 

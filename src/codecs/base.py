@@ -59,6 +59,7 @@ class Encoded:
     latent_shape: tuple[int, ...]
     image_size: tuple[int, int]
     rate: Rate | None = None
+    order: str = "raster"
 
     def num_bytes(self) -> int:
         """Bytes taken by the streams alone (the container adds its header on top)."""
@@ -117,6 +118,10 @@ class Codec(nn.Module):
     stride: int = 1
     num_rates: int = 1
     progressive: bool = False
+    # Orders this codec can code its latent in (context models: raster or wavefront) and the one
+    # `compress` uses; the order travels in the file, so `decompress` needs no flag.
+    coding_orders: tuple[str, ...] = ("raster",)
+    coding_order: str = "raster"
 
     def __init__(self) -> None:
         super().__init__()
@@ -154,7 +159,7 @@ class Codec(nn.Module):
         size = (int(x.shape[-2]), int(x.shape[-1]))
         x_padded, _ = pad_to_multiple(x, self.stride)
         streams, latent_shape = self._compress_padded(x_padded)
-        return Encoded(streams, tuple(latent_shape), size, self.current_rate())
+        return Encoded(streams, tuple(latent_shape), size, self.current_rate(), self.coding_order)
 
     @torch.no_grad()
     def decompress(self, encoded: Encoded, levels: int | None = None) -> Tensor:
@@ -164,12 +169,22 @@ class Codec(nn.Module):
         """
         if encoded.rate is not None:
             self.set_rate(encoded.rate)
-        if levels is None:
-            x_hat = self._decompress_padded(encoded.streams, encoded.latent_shape)
-        elif self.progressive:
-            x_hat = self._decompress_padded(encoded.streams, encoded.latent_shape, levels=levels)
-        else:
+        if levels is not None and not self.progressive:
             raise LicError(f"{self.name} is not a progressive codec; it takes no levels")
+        if encoded.order not in self.coding_orders:
+            raise BitstreamError(
+                f"file was coded in {encoded.order} order, which {self.name} does not use"
+            )
+        own_order, self.coding_order = self.coding_order, encoded.order
+        try:
+            if levels is None:
+                x_hat = self._decompress_padded(encoded.streams, encoded.latent_shape)
+            else:
+                x_hat = self._decompress_padded(
+                    encoded.streams, encoded.latent_shape, levels=levels
+                )
+        finally:
+            self.coding_order = own_order
         return crop_to(x_hat.clamp(0, 1), encoded.image_size)
 
     def set_rate(self, rate: Rate) -> None:
@@ -240,6 +255,7 @@ class Codec(nn.Module):
             streams=records,
             rate=self.current_rate(),
             tile=tile,
+            order=self.coding_order,
         )
         return pack(container)
 
@@ -266,6 +282,7 @@ class Codec(nn.Module):
             latent_shape=encoded.latent_shape,
             streams=encoded.streams,
             rate=encoded.rate,
+            order=encoded.order,
         )
         return pack(container)
 
@@ -282,7 +299,11 @@ class Codec(nn.Module):
             )
         if not container.tile:
             encoded = Encoded(
-                container.streams, container.latent_shape, container.image_size, container.rate
+                container.streams,
+                container.latent_shape,
+                container.image_size,
+                container.rate,
+                container.order,
             )
             return self.decompress(encoded, levels)
         h, w = container.image_size
@@ -290,7 +311,7 @@ class Codec(nn.Module):
         for (rows, cols), record in zip(tile_regions((h, w), container.tile), container.streams):
             shape, streams = unpack_tile(record)
             size = (rows.stop - rows.start, cols.stop - cols.start)
-            encoded = Encoded(streams, shape, size, container.rate)
+            encoded = Encoded(streams, shape, size, container.rate, container.order)
             x_hat[..., rows, cols] = self.decompress(encoded, levels)
         return x_hat
 

@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from compressai.ans import RansDecoder, RansEncoder
 from compressai.entropy_models import EntropyBottleneck
+from compressai.models import JointAutoregressiveHierarchicalPriors
 from compressai.zoo.image import cfgs, model_architectures, model_urls
 from compressai.zoo.pretrained import load_pretrained
 from torch import Tensor, nn
 
+from src.codecs import context_model
 from src.codecs.base import Codec, CodecOutput
 from src.codecs.importing import (
     ImportRequest,
@@ -27,7 +30,8 @@ from src.codecs.importing import (
     register_format,
     rename_state,
 )
-from src.errors import CheckpointError
+from src.coding.container import CODING_ORDERS
+from src.errors import CheckpointError, LicError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,22 @@ class CompressAICodec(Codec):
         self.quality = quality
         self.net = model_architectures[arch](*widths)
         self.stride = int(self.net.downsampling_factor)
+        self.autoregressive = isinstance(self.net, JointAutoregressiveHierarchicalPriors)
+        if self.autoregressive:  # wavefronts by default; raster for byte parity with CompressAI
+            self.coding_orders = CODING_ORDERS
+            self.coding_order = "wavefront"
+
+    def set_coding_options(self, coding_order: str | None = None, **options) -> None:
+        """`coding_order`: "wavefront" (default) or "raster" (CompressAI's own, byte for byte)
+        for the autoregressive models."""
+        super().set_coding_options(**options)
+        if coding_order is not None:
+            if coding_order not in self.coding_orders:
+                raise LicError(
+                    f"{self.name} codes in {' or '.join(self.coding_orders)} order, "
+                    f"not {coding_order!r}"
+                )
+            self.coding_order = coding_order
 
     def _forward_padded(self, x: Tensor) -> CodecOutput:
         out = self.net(x)
@@ -77,13 +97,77 @@ class CompressAICodec(Codec):
         return CodecOutput(x_hat=out["x_hat"], bits=bits)
 
     def _compress_padded(self, x: Tensor) -> tuple[list[bytes], tuple[int, ...]]:
+        if self.coding_order == "wavefront":
+            net = self.net
+            y = net.g_a(x)
+            z = net.h_a(y)
+            z_strings = net.entropy_bottleneck.compress(z)
+            params = net.h_s(net.entropy_bottleneck.decompress(z_strings, z.shape[-2:]))
+            _, q, scales, _ = self._walk_round(y, params)
+            return [self._walk_stream(q, scales), z_strings[0]], tuple(z.shape[-2:])
         out = self.net.compress(x)
         streams = [group[0] for group in out["strings"]]
         return streams, tuple(int(s) for s in out["shape"])
 
     def _decompress_padded(self, streams: list[bytes], latent_shape: tuple[int, ...]) -> Tensor:
+        if self.coding_order == "wavefront":
+            net = self.net
+            z_hat = net.entropy_bottleneck.decompress([streams[1]], torch.Size(latent_shape))
+            return net.g_s(self._walk_read(streams[0], net.h_s(z_hat)))
         out = self.net.decompress([[s] for s in streams], torch.Size(latent_shape))
         return out["x_hat"]
+
+    # ---- the context model's wavefront walk (src/codecs/context_model.py) ----------------------
+    def _walk_round(
+        self, y: Tensor, params: Tensor, gain: Tensor | float = 1.0
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ŷ, the symbols q = round(gain · (y − μ)), the scales and the means, wavefront by
+        wavefront (gain 1: CompressAI's quantiser; QVRF passes its gain)."""
+
+        def round_here(scales: Tensor, means: Tensor, rows: Tensor, cols: Tensor):
+            q = torch.round(gain * (y[:, :, rows, cols].transpose(1, 2) - means))
+            return q, q / gain + means
+
+        net = self.net
+        return context_model.walk(
+            params, net.context_prediction, net.entropy_parameters, round_here
+        )
+
+    def _walk_stream(self, q: Tensor, scales: Tensor, gain: Tensor | float = 1.0) -> bytes:
+        """The y stream: symbols in the walk's order, under N(0, gain · σ)."""
+        order = context_model.wavefront_order(*q.shape[-2:]).to(q.device)
+        indexes = self.net.gaussian_conditional.build_indexes(gain * scales)
+        symbols, indexes = (t[0].flatten(1)[:, order].T.reshape(-1) for t in (q, indexes))
+        return RansEncoder().encode_with_indexes(
+            symbols.int().tolist(), indexes.int().tolist(), *self._tables()
+        )
+
+    def _walk_read(self, stream: bytes, params: Tensor, gain: Tensor | float = 1.0) -> Tensor:
+        """ŷ read back from a y stream written by `_walk_stream`."""
+        conditional = self.net.gaussian_conditional
+        decoder = RansDecoder()
+        decoder.set_stream(stream)
+        tables = self._tables()
+
+        def read_here(scales: Tensor, means: Tensor, rows: Tensor, cols: Tensor):
+            indexes = conditional.build_indexes(gain * scales).reshape(-1).int().tolist()
+            q = torch.tensor(decoder.decode_stream(indexes, *tables), dtype=scales.dtype)
+            q = q.to(scales.device).reshape(scales.shape)
+            return q, q / gain + means
+
+        net = self.net
+        return context_model.walk(
+            params, net.context_prediction, net.entropy_parameters, read_here
+        )[0]
+
+    def _tables(self) -> tuple[list, list, list]:
+        """The Gaussian conditional's CDF tables, lengths and offsets as the rANS coder takes them."""
+        conditional = self.net.gaussian_conditional
+        return (
+            conditional.quantized_cdf.tolist(),
+            conditional.cdf_length.reshape(-1).int().tolist(),
+            conditional.offset.reshape(-1).int().tolist(),
+        )
 
     def prepare_for_coding(self) -> None:
         self.net.update(force=True)
@@ -113,6 +197,23 @@ ZOO_FILES = {
 def zoo_cache_dirs() -> list[Path]:
     """Where torch.hub keeps downloaded zoo files ($TORCH_HOME/hub/checkpoints)."""
     return [Path(torch.hub.get_dir()) / "checkpoints"]
+
+
+# The entropy bottleneck's parameter lists as CompressAI releases name them: `_matrices.0` (the
+# zoo's files, which `load_pretrained` turns into the next form), `_matrix0` (CompressAI 1.1,
+# e.g. QVRF's release) and `matrices.0` (CompressAI 1.2, ours).
+_BOTTLENECK_KEYS = [
+    (rf"\._{old}(\d+)$", rf".{new}.\1")
+    for old, new in (("matrix", "matrices"), ("bias", "biases"), ("factor", "factors"))
+]
+
+
+def compressai_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict written by any CompressAI version under CompressAI 1.2's key names: the
+    zoo's own conversion (DataParallel prefixes, `downsample` -> `skip`, old parameter lists),
+    then the bottleneck's `_matrix0` -> `matrices.0` that CompressAI itself applies only while
+    loading (and that an exact-fit check must see first)."""
+    return rename_state(load_pretrained(state), _BOTTLENECK_KEYS)
 
 
 def zoo_widths(arch: str, state: dict[str, Tensor]) -> tuple[int, int | None]:
@@ -152,13 +253,13 @@ def describe_zoo_file(request: ImportRequest) -> tuple[str, int]:
 def import_compressai(request: ImportRequest) -> CompressAICodec:
     """A zoo state dict (any of the six architectures) as our `CompressAICodec`.
 
-    The zoo's own key conversion (DataParallel prefixes, old parameter lists) runs first; widths
+    Old key names are converted first (`compressai_state`); widths
     other than the quality's table (a fine-tuned or tiny model) are kept as N/M overrides."""
     arch, quality = describe_zoo_file(request)
     state = read_torch_file(request.source, "a CompressAI state dict")
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # CompressAI's examples/train.py saves a dict around it
-    state = load_pretrained(state)
+    state = compressai_state(state)
     try:
         n, m = zoo_widths(arch, state)
     except KeyError as err:

@@ -13,7 +13,9 @@ Gaussian with its scale multiplied by a,
 so a larger gain spends more bits. The hyperlatent z keeps its unit step at every rate. In
 training the rounding is replaced by uniform noise of the quantisation error's own width,
 ỹ = (a·y + u) / a with u ~ U(−½, ½) (stages 1–2), or by a straight-through rounding (stage 3).
-Entry 0 is the fixed anchor a = 1; the others start at √(λ_s / λ_0) and are learnt. A continuous
+One entry, the anchor (index 0 by default, as in the authors' code; STF-QVRF anchors at the λ of
+its pretrained model), is fixed at a = 1; the others start at √(λ_s / λ_anchor) and are learnt.
+A continuous
 `factor` is used as the gain itself, so factors between two trained gains give rates between
 theirs.
 """
@@ -26,14 +28,27 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from compressai.ans import RansDecoder, RansEncoder
-from compressai.models import JointAutoregressiveHierarchicalPriors, MeanScaleHyperprior
+from compressai.models import MeanScaleHyperprior
 from compressai.ops import quantize_ste
+from compressai.zoo.image import cfgs
 from torch import Tensor, nn
 
 from src.codecs.base import CodecOutput
-from src.codecs.compressai_zoo import CompressAICodec, bits_from_likelihoods
+from src.codecs.compressai_zoo import (
+    CompressAICodec,
+    bits_from_likelihoods,
+    compressai_state,
+    zoo_widths,
+)
+from src.codecs.importing import (
+    ImportRequest,
+    fit_state,
+    read_torch_file,
+    register_format,
+    rename_state,
+)
 from src.coding.container import BitstreamError, Rate
-from src.errors import ConfigError, LicError
+from src.errors import CheckpointError, ConfigError, LicError
 from src.losses.rate_distortion import LMBDA_LADDER
 
 # The backbones the gain fits: every CompressAI model with a Gaussian conditional on y.
@@ -51,7 +66,6 @@ LMBDA_SETS: dict[str, tuple[float, ...]] = {
     "extended": LMBDA_LADDER["mse"] + (0.36, 0.72, 1.44),
 }
 
-ANCHOR = 0  # the rate index whose gain is fixed at 1
 MIN_GAIN = 1e-4
 QUANTIZERS = ("noise", "ste")
 _KERNEL = 5  # the autoregressive context model's kernel (CompressAI's joint models)
@@ -93,6 +107,8 @@ class QvrfCodec(CompressAICodec):
         quality: picks the backbone's widths from CompressAI's table (6: the paper's 192 / 320).
         N, M: override the widths (tiny models for tests).
         lmbda_set: "compressai" (8 λ), "extended" (11 λ) or an increasing list; one gain per λ.
+        anchor: the rate index whose gain is fixed at 1 (the fixed-rate model's λ); the other
+            gains start at √(λ_s / λ_anchor).
     """
 
     def __init__(
@@ -102,6 +118,7 @@ class QvrfCodec(CompressAICodec):
         N: int | None = None,
         M: int | None = None,
         lmbda_set: str | Sequence[float] = "compressai",
+        anchor: int = 0,
     ) -> None:
         arch = arch.replace("_", "-")
         if arch not in BACKBONES:
@@ -109,17 +126,21 @@ class QvrfCodec(CompressAICodec):
         super().__init__(arch, quality, N, M)
         self.lmbdas = resolve_lmbda_set(lmbda_set)
         recorded = lmbda_set if isinstance(lmbda_set, str) else list(self.lmbdas)
-        self._record_config(arch=arch, quality=quality, N=N, M=M, lmbda_set=recorded)
-        self.name = f"qvrf-{arch}"
         self.num_rates = len(self.lmbdas)
-        initial = [math.sqrt(lmbda / self.lmbdas[ANCHOR]) for lmbda in self.lmbdas]
+        if not 0 <= anchor < self.num_rates:
+            raise ConfigError(
+                f"model.anchor must be a rate index 0..{self.num_rates - 1} of the λ set, got {anchor}"
+            )
+        self._record_config(arch=arch, quality=quality, N=N, M=M, lmbda_set=recorded, anchor=anchor)
+        self.name = f"qvrf-{arch}"
+        self.anchor = anchor
+        initial = [math.sqrt(lmbda / self.lmbdas[anchor]) for lmbda in self.lmbdas]
         self.gain = nn.Parameter(torch.tensor(initial))
         # The paper's factor range [0.5, 12] for gains 1..10, relative to the set's own gains.
         self.factor_range = (0.5 * min(initial), 1.2 * max(initial))
-        self.autoregressive = isinstance(self.net, JointAutoregressiveHierarchicalPriors)
         self.mean_scale = isinstance(self.net, MeanScaleHyperprior)
         self.quantizer = "noise"
-        self._rate = Rate.index(ANCHOR)
+        self._rate = Rate.index(anchor)
 
     # ---- rates --------------------------------------------------------------------------------
     def set_rate(self, rate: Rate) -> None:
@@ -152,7 +173,7 @@ class QvrfCodec(CompressAICodec):
             return self.gain.new_tensor(self._rate.value)
         index = int(self._rate.value)
         gain = self.gain[index]
-        if index == ANCHOR:  # fixed, yet in the graph with a zero gradient, as DDP expects
+        if index == self.anchor:  # fixed, yet in the graph with a zero gradient, as DDP expects
             gain = gain.detach() + 0 * gain
         return gain.clamp(min=MIN_GAIN)
 
@@ -222,6 +243,15 @@ class QvrfCodec(CompressAICodec):
 
         return self._raster(params, a, round_here)
 
+    def _context_encode(
+        self, y: Tensor, params: Tensor, a: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ŷ, symbols, scales and means of the context model in the current coding order: the
+        encoder, the test-mode forward pass and the decoder all walk the same way."""
+        if self.coding_order == "wavefront":
+            return self._walk_round(y, params, a)
+        return self._raster_encode(y, params, a)
+
     # ---- the contract -------------------------------------------------------------------------
     def _forward_padded(self, x: Tensor) -> CodecOutput:
         net = self.net
@@ -237,7 +267,7 @@ class QvrfCodec(CompressAICodec):
 
         if not self.training:
             if self.autoregressive:
-                y_hat, q, scales, _ = self._raster_encode(y, params, a)
+                y_hat, q, scales, _ = self._context_encode(y, params, a)
             else:
                 scales, means = self._split(params)
                 q = _symbols(y, a, means)
@@ -252,8 +282,8 @@ class QvrfCodec(CompressAICodec):
                 scales, means = self._split(params)
             y_bits = self._y_bits(noisy if means is None else noisy - a * means, scales, a)
         else:  # straight-through: the decoder sees rounded latents, the rate keeps its noise
-            if self.autoregressive:  # the means the encoder would use, from the raster walk
-                means_sg = self._raster_encode(y.detach(), params.detach(), a_d)[3]
+            if self.autoregressive:  # the means the encoder would use, from its walk
+                means_sg = self._context_encode(y.detach(), params.detach(), a_d)[3]
             else:
                 means_sg = self._split(params)[1]
                 means_sg = None if means_sg is None else means_sg.detach()
@@ -279,7 +309,10 @@ class QvrfCodec(CompressAICodec):
         z_hat = net.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         params = net.h_s(z_hat)
         conditional = net.gaussian_conditional
-        if self.autoregressive:
+        if self.autoregressive and self.coding_order == "wavefront":
+            _, q, scales, _ = self._walk_round(y, params, a)
+            y_string = self._walk_stream(q, scales, a)
+        elif self.autoregressive:
             _, q, scales, _ = self._raster_encode(y, params, a)
             indexes = conditional.build_indexes(a * scales)
             y_string = RansEncoder().encode_with_indexes(
@@ -302,7 +335,9 @@ class QvrfCodec(CompressAICodec):
         z_hat = net.entropy_bottleneck.decompress([streams[1]], torch.Size(latent_shape))
         params = net.h_s(z_hat)
         conditional = net.gaussian_conditional
-        if self.autoregressive:
+        if self.autoregressive and self.coding_order == "wavefront":
+            y_hat = self._walk_read(streams[0], params, a)
+        elif self.autoregressive:
             decoder = RansDecoder()
             decoder.set_stream(streams[0])
             tables = self._tables()
@@ -321,16 +356,78 @@ class QvrfCodec(CompressAICodec):
             y_hat = _dequantize(q.to(params.dtype), a, means)
         return net.g_s(y_hat)
 
-    def _tables(self) -> tuple[list, list, list]:
-        """The Gaussian conditional's CDF tables, lengths and offsets as the rANS coder takes them."""
-        conditional = self.net.gaussian_conditional
-        return (
-            conditional.quantized_cdf.tolist(),
-            conditional.cdf_length.reshape(-1).int().tolist(),
-            conditional.offset.reshape(-1).int().tolist(),
-        )
-
 
 def _raster_order(t: Tensor) -> list[int]:
     """The symbols (1, C, H, W) of one image in the order the raster walk visits them."""
     return t[0].permute(1, 2, 0).reshape(-1).int().tolist()
+
+
+# ---- the authors' released weights ---------------------------------------------------------------
+# Their two model definitions (bytedance/QRAF): Cheng 2020 attention and Ballé's scale hyperprior,
+# each CompressAI's network plus a `Gain` vector; our names add `net.` and call it `gain`.
+_RELEASE_ARCHS = {"g_a.0.conv1.weight": "cheng2020-attn", "g_a.1.beta": "bmshj2018-hyperprior"}
+_RELEASE_RULES = [(r"^Gain$", "gain"), (r"^(?!gain$)", "net.")]
+
+
+def release_arch(state: dict[str, Tensor]) -> str:
+    """Which of the authors' two models a state dict holds, from its first layers."""
+    for key, arch in _RELEASE_ARCHS.items():
+        if key in state:
+            return arch
+    raise CheckpointError(
+        "not one of the QVRF authors' models (neither Cheng 2020 attention nor the scale "
+        "hyperprior); say which CompressAI backbone it uses with --arch"
+    )
+
+
+def release_lmbda_set(gains: Tensor) -> str:
+    """The named λ set of a release, from its number of gains (8 or 11)."""
+    by_count = {len(v): name for name, v in LMBDA_SETS.items()}
+    if gains.dim() != 1 or len(gains) not in by_count:
+        raise CheckpointError(
+            f"QVRF Gain of shape {tuple(gains.shape)}: the released models have "
+            f"{' or '.join(str(n) for n in sorted(by_count))} gains"
+        )
+    return by_count[len(gains)]
+
+
+@register_format(
+    "qvrf",
+    published_at="the QVRF authors' README (github.com/bytedance/QRAF: Cheng2020VR.pth.tar, and "
+    "a second checkpoint for the 11-λ set)",
+    help="QVRF's released variable-rate models (bytedance/QRAF; also its train.py checkpoints)",
+)
+def import_qvrf(request: ImportRequest) -> QvrfCodec:
+    """The authors' Cheng2020VR (or a scale-hyperprior QVRF, or a checkpoint of their train.py)
+    as our `QvrfCodec`: anchor index 0 with gain 1, the learnt gains as released."""
+    state = read_torch_file(request.source, "a QVRF state dict")
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # their train.py's checkpoint_best_loss.pth.tar
+    state = compressai_state(state)
+    if "Gain" not in state:
+        raise CheckpointError(
+            f"{request.source} has no Gain vector: not a QVRF model (a fixed-rate CompressAI "
+            "file imports with `lic import compressai`)"
+        )
+    arch = (request.arch or release_arch(state)).replace("_", "-")
+    if arch not in BACKBONES:
+        raise CheckpointError(f"--arch {arch}: QVRF backbones are {', '.join(BACKBONES)}")
+    try:
+        n, m = zoo_widths(arch, state)
+        if arch.startswith("cheng2020") and state["context_prediction.weight"].shape[1] != n:
+            raise CheckpointError(
+                f"{request.source} has N={n}, M={state['context_prediction.weight'].shape[1]}; "
+                "CompressAI's Cheng 2020 (ours) has M = N"
+            )
+    except KeyError as err:
+        raise CheckpointError(f"{request.source} is not a {arch} QVRF model (no {err})") from err
+    paper = cfgs[arch][6]
+    codec = QvrfCodec(
+        arch,
+        6,
+        N=None if n == paper[0] else n,
+        M=None if m is None or m == paper[1] else m,
+        lmbda_set=release_lmbda_set(state["Gain"]),
+    )
+    fit_state(codec, rename_state(state, _RELEASE_RULES), str(request.source))
+    return codec

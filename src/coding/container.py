@@ -2,7 +2,7 @@
 
     offset  size  field
     0       4     magic b"LIC1"
-    4       1     format version (2)
+    4       1     format version (3; version 2 files, which have no coding order, still read)
     5       1     n = length of the codec name, then n bytes of UTF-8
     .       8     fingerprint of the codec's weights and config (see `fingerprint`)
     .       4+4   original image height, width (uint32)
@@ -10,6 +10,7 @@
     .       1     rate kind: 0 none, 1 discrete index, 2 continuous factor; then float64 value
                   when the kind is not 0 (variable-rate codecs such as QVRF)
     .       4     tile side in pixels (uint32; 0: the image was coded whole)
+    .       1     coding order of an autoregressive latent: 0 raster, 1 wavefront (version 3)
     .       2     s = number of streams (uint16), then s × (uint32 length + bytes)
     end-4   4     CRC32 of everything before it
 
@@ -38,7 +39,8 @@ from torch import nn
 from src.errors import LicError
 
 MAGIC = b"LIC1"
-VERSION = 2
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
 FINGERPRINT_BYTES = 8
 MAX_SIDE = 1 << 16
 MAX_STREAMS = 4096
@@ -76,6 +78,9 @@ class Rate:
 
 
 RATE_KINDS = ("index", "factor")
+# The orders an autoregressive latent can be coded in (src/codecs/context_model.py); codecs
+# without a context model always write the first.
+CODING_ORDERS = ("raster", "wavefront")
 
 
 @dataclass
@@ -89,6 +94,7 @@ class Container:
     streams: list[bytes]
     rate: Rate | None = None
     tile: int = 0
+    order: str = "raster"
 
     def tile_grid(self) -> tuple[int, int]:
         """Rows and columns of tiles (1 × 1 for an image coded whole)."""
@@ -137,7 +143,8 @@ def pack(container: Container) -> bytes:
     if container.rate is not None:
         rate = struct.pack("<Bd", RATE_KINDS.index(container.rate.kind) + 1, container.rate.value)
     shape = _shape_and_streams(container.latent_shape, [])[0]
-    parts += [shape, rate, struct.pack("<I", container.tile)]
+    order = CODING_ORDERS.index(container.order)
+    parts += [shape, rate, struct.pack("<IB", container.tile, order)]
     parts += _shape_and_streams((), container.streams)[1:]
     body = b"".join(parts)
     return body + struct.pack("<I", zlib.crc32(body))
@@ -225,9 +232,9 @@ def unpack(data: bytes) -> Container:
     reader = _Reader(body)
     reader.take(len(MAGIC), "magic")
     version, name_len = reader.unpack("<BB", "version")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise BitstreamError(
-            f"format version {version} is not supported (this reader knows {VERSION})"
+            f"format version {version} is not supported (this reader knows {READABLE_VERSIONS})"
         )
     try:
         name = reader.take(name_len, "codec name").decode()
@@ -242,9 +249,14 @@ def unpack(data: bytes) -> Container:
     (tile,) = reader.unpack("<I", "tile side")
     if tile > MAX_SIDE:
         raise BitstreamError(f"implausible tile side {tile}")
+    order = 0
+    if version >= 3:
+        (order,) = reader.unpack("<B", "coding order")
+        if order >= len(CODING_ORDERS):
+            raise BitstreamError(f"unknown coding order {order}")
     streams = _read_streams(reader)
     _expect_end(reader, "streams")
-    container = Container(name, print_, (h, w), shape, streams, rate, tile)
+    container = Container(name, print_, (h, w), shape, streams, rate, tile, CODING_ORDERS[order])
     rows, cols = container.tile_grid()
     if tile and len(streams) != rows * cols:
         raise BitstreamError(

@@ -32,6 +32,7 @@ from src.datamodules.datasets import (
     RandomCropDataset,
     open_source,
 )
+from src.datamodules.downscale import check_downscale
 from src.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class CropDataModule(pl.LightningDataModule):
         persistent_workers: keep worker processes between epochs.
         pin_memory: page-locked batches for faster host-to-GPU copies.
         prefetch_factor: batches each worker prepares ahead (None: torch's default).
+        downscale: [lo, hi]: scale each training image by a random factor in that range before
+            the crop, upscaling images smaller than the crop (TF HiFIC: [0.75, 0.95]); None: off.
+        flip: random horizontal flips of the training crops.
     """
 
     def __init__(
@@ -98,6 +102,8 @@ class CropDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        downscale: Sequence[float] | None = None,
+        flip: bool = True,
     ) -> None:
         super().__init__()
         if small_images not in SMALL_IMAGE_POLICIES:
@@ -125,6 +131,8 @@ class CropDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.downscale = check_downscale(downscale)
+        self.flip = flip
         self.train_set: RandomCropDataset | None = None
         self.val_set: CenterCropDataset | None = None
         self.test_set: FullImageDataset | None = None
@@ -219,7 +227,9 @@ class CropDataModule(pl.LightningDataModule):
         if self.cache:
             source = MemorySource(source, kept)
             kept = list(range(len(source)))
-        self.train_set = RandomCropDataset(source, kept, self.crop, self.repeat)
+        self.train_set = RandomCropDataset(
+            source, kept, self.crop, self.repeat, self.downscale, self.flip
+        )
         if len(self.train_set) < self.batch_size:
             raise ConfigError(
                 f"data.batch_size={self.batch_size} exceeds the {len(self.train_set)} training "

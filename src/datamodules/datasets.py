@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
+from src.datamodules.downscale import check_downscale, random_downscaled_crop
 from src.datamodules.images import decode_rgb, image_size, list_images, pad_to_at_least
 from src.errors import DataError
 
@@ -133,15 +134,25 @@ class RandomCropDataset(_Subset):
     """Random `crop`-sized crops with horizontal flips, `repeat` per image per epoch.
 
     Images smaller than the crop are padded (reflection) up to it; drop them beforehand to skip
-    them instead (see `CropDataModule`'s `small_images`).
+    them instead (see `CropDataModule`'s `small_images`). `downscale=(lo, hi)` scales each image
+    by a random factor first, upscaling small ones instead of padding them (the TF HiFIC
+    reference, `src/datamodules/downscale.py`); `flip=False` keeps crops unflipped (as it does).
     """
 
     def __init__(
-        self, source: ImageSource, indices: Sequence[int], crop: int, repeat: int = 1
+        self,
+        source: ImageSource,
+        indices: Sequence[int],
+        crop: int,
+        repeat: int = 1,
+        downscale: Sequence[float] | None = None,
+        flip: bool = True,
     ) -> None:
         super().__init__(source, indices)
         self.crop = crop
         self.repeat = max(1, int(repeat))
+        self.downscale = check_downscale(downscale)
+        self.flip = flip
         self._rng: random.Random | None = None
         self._rng_owner: tuple[int, int] | None = None
 
@@ -160,13 +171,16 @@ class RandomCropDataset(_Subset):
 
     def __getitem__(self, index: int) -> Tensor:
         img = self._load(index % len(self.indices))
-        img = pad_to_at_least(img, self.crop)
         rng = self.generator()
-        h, w = img.shape[-2:]
-        top = rng.randint(0, h - self.crop)
-        left = rng.randint(0, w - self.crop)
-        patch = img[:, top : top + self.crop, left : left + self.crop]
-        if rng.random() < 0.5:
+        if self.downscale is not None:
+            patch = random_downscaled_crop(img, self.crop, self.downscale, rng)
+        else:
+            img = pad_to_at_least(img, self.crop)
+            h, w = img.shape[-2:]
+            top = rng.randint(0, h - self.crop)
+            left = rng.randint(0, w - self.crop)
+            patch = img[:, top : top + self.crop, left : left + self.crop]
+        if self.flip and rng.random() < 0.5:
             patch = patch.flip(-1)
         return patch.float().div_(255)
 

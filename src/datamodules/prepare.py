@@ -11,7 +11,11 @@ folder; then `python train.py data=NAME` trains on it. DOWNLOAD is a folder, a z
   so (val, valid, validation, test: COCO's val2017, CLIC's valid, ImageNet's ILSVRC2012_img_val),
   to train otherwise; `--split` forces one. Run once per download (train and val archives); tars
   inside the download (ImageNet's per-class tars) are read too. large_images keeps only images of
-  at least 512 x 512 (McQuic's filter).
+  at least 512 x 512 (McQuic's filter). `--largest N` keeps the N images with the most pixels
+  (read from their headers in a first pass over the download, ties by name).
+- qvrf: QVRF's training set, as above, each image whose shorter side exceeds 512 halved by
+  bicubic interpolation (as OpenCV's INTER_CUBIC, which the authors used): run it on ImageNet's
+  train tar with `--largest 8000` and on CLIC 2020's professional train zip, both `--split train`.
 - celeba: `img_align_celeba` (folder or zip). Each 178 x 218 face is centre-cropped to 148 x 148
   and resized to 64 x 64 (Lanczos), stored as PNG; the official partition (list_eval_partition.txt
   next to the images, else CelebA's fixed numbering) gives train, val and test.
@@ -24,6 +28,7 @@ folder; then `python train.py data=NAME` trains on it. DOWNLOAD is a folder, a z
 from __future__ import annotations
 
 import argparse
+import heapq
 import io
 import pickle
 import re
@@ -36,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from rich.console import Console
 
@@ -132,6 +139,7 @@ class Options:
     split: str | None = None
     workers: int | None = None
     min_size: int | None = None
+    largest: int | None = None
     progress: bool = True
 
 
@@ -148,14 +156,52 @@ def _build(items, opts: Options, min_size: int = 0, transform=None) -> dict[str,
     )
 
 
-def prepare_images(opts: Options, min_size: int = 0) -> dict[str, BuildReport]:
+def largest_images(download: Path, n: int) -> set[str]:
+    """The names of the `n` images of a download with the most pixels (ties by name), from their
+    headers; files that do not open are left to the builder to report."""
+    if n <= 0:
+        raise ConfigError(f"--largest {n}: give a positive number of images")
+    sizes = []
+    for name, get in read_download(download):
+        if not _is_image(name):
+            continue
+        content = get()
+        try:
+            with Image.open(content if isinstance(content, Path) else io.BytesIO(content)) as img:
+                width, height = img.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        sizes.append((-width * height, name))
+    return {name for _, name in heapq.nsmallest(n, sizes)}
+
+
+def prepare_images(opts: Options, min_size: int = 0, transform=None) -> dict[str, BuildReport]:
     """Images from a folder or archive into OUT/train and OUT/val (see the module docstring)."""
+    keep = None if opts.largest is None else largest_images(opts.download, opts.largest)
     items = (
         (opts.split or detect_split(opts.download, name), name, get)
         for name, get in read_download(opts.download)
-        if _is_image(name)
+        if _is_image(name) and (keep is None or name in keep)
     )
-    return _build(items, opts, min_size)
+    return _build(items, opts, min_size, transform)
+
+
+QVRF_HALVE_ABOVE = 512
+
+
+def halve_large(img: Image.Image) -> Image.Image:
+    """QVRF's preprocessing: an image whose shorter side exceeds 512 is halved (each side floor
+    divided by 2) by bicubic interpolation without antialiasing (a = -0.75, half-pixel centres,
+    as OpenCV's INTER_CUBIC); smaller images are kept as they are."""
+    width, height = img.size
+    if min(width, height) <= QVRF_HALVE_ABOVE:
+        return img
+    pixels = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    half = F.interpolate(
+        pixels.unsqueeze(0), size=(height // 2, width // 2), mode="bicubic", align_corners=False
+    )
+    out = half[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(out)
 
 
 def celeba_face_64(img: Image.Image) -> Image.Image:
@@ -308,6 +354,7 @@ PREPARERS: dict[str, Callable[[Options], dict[str, BuildReport]]] = {
     "coco": prepare_images,
     "clic": prepare_images,
     "large_images": lambda opts: prepare_images(opts, min_size=512),
+    "qvrf": lambda opts: prepare_images(opts, transform=halve_large),
     "celeba": prepare_celeba,
     "cifar10": prepare_batches,
     "imagenet32": prepare_batches,
@@ -338,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("train", "val", "test"), help="force every image here")
     parser.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
     parser.add_argument("--min-size", type=int, help="override the preset's minimum image side")
+    parser.add_argument(
+        "--largest", type=int, metavar="N", help="keep only the N images with the most pixels"
+    )
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -348,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             split=args.split,
             workers=args.workers,
             min_size=args.min_size,
+            largest=args.largest,
         )
     except (DataError, ConfigError) as err:
         console.print(f"[red]error:[/red] {err}")

@@ -1,13 +1,17 @@
-"""Classical codecs (JPEG, WebP, AVIF, JPEG XL) on the same images and metrics as the learned ones.
+"""Classical codecs (JPEG, WebP, AVIF, HEVC intra, JPEG XL) on the same images and metrics as the
+learned ones.
 
 Pillow codes JPEG, WebP and AVIF (Pillow 11.3+ wheels ship AVIF; else avifenc/avifdec when
-installed); JPEG XL needs cjxl/djxl on PATH. Each runs over a quality ladder; the curves of a test
-set are cached per dataset, so a sweep of evaluations codes them once.
+installed); HEVC intra comes from pillow-heif (libheif with x265: `hevc` at 4:4:4, the BPG-444-like
+anchor learned-compression papers report against, and `hevc420`), JPEG XL from pillow-jxl-plugin,
+both pip dependencies, with cjxl/djxl on PATH as a fallback. Each runs over a quality ladder; the
+curves of a test set are cached per dataset, so a sweep of evaluations codes them once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import shutil
@@ -21,11 +25,11 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image
-from rich.progress import track
 from torch import Tensor
 
 from src.errors import ConfigError
 from src.evaluation.metrics import ms_ssim, psnr
+from src.utils.progress import track
 
 DEFAULT_QUALITIES = (1, 2, 3, 5, 8, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 95)
 
@@ -61,10 +65,28 @@ class ClassicalCodec:
     pillow_format: str | None = None
     commands: tuple[str, str] | None = None
     suffix: str = ""
+    # A Pillow plug-in package and, after a colon, the function that registers it ("" when
+    # importing it is enough), and the keyword options every save passes (chroma subsampling).
+    plugin: str | None = None
+    options: tuple[tuple[str, object], ...] = ()
+
+    def _load_plugin(self) -> str | None:
+        """Import and register the plug-in; its version, or None where it is not installed."""
+        module_name, _, register = (self.plugin or "").partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            return None
+        if register:
+            getattr(module, register)()
+        return str(getattr(module, "__version__", "?"))
 
     def available(self) -> bool:
-        """Whether this machine can run it (Pillow built with the format, or the tools on PATH)."""
+        """Whether this machine can run it (Pillow built with or extended by the format, or the
+        tools on PATH)."""
         if self.pillow_format is not None:
+            if self.plugin is not None and self._load_plugin() is None:
+                return False
             Image.init()  # load every plug-in, so SAVE lists all the formats this build writes
             return self.pillow_format.upper() in Image.SAVE
         return all(shutil.which(c) for c in self.commands or ())
@@ -72,14 +94,18 @@ class ClassicalCodec:
     def description(self) -> str:
         """What produced the numbers (goes into the JSON and the cache key)."""
         if self.pillow_format is not None:
-            return f"Pillow {PIL.__version__} {self.pillow_format}"
+            plugin = (
+                f" via {self.plugin.partition(':')[0]} {self._load_plugin()}" if self.plugin else ""
+            )
+            options = "".join(f" {k}={v}" for k, v in self.options)
+            return f"Pillow {PIL.__version__} {self.pillow_format}{plugin}{options}"
         return " + ".join(self.commands or ())
 
     def code(self, img: Image.Image, quality: int) -> tuple[int, Image.Image]:
         """The coded size in bytes and the decoded image at `quality`."""
         if self.pillow_format is not None:
             buf = io.BytesIO()
-            img.save(buf, format=self.pillow_format, quality=int(quality))
+            img.save(buf, format=self.pillow_format, quality=int(quality), **dict(self.options))
             data = buf.getvalue()
             return len(data), Image.open(io.BytesIO(data)).convert("RGB")
         encoder, decoder = self.commands
@@ -111,7 +137,10 @@ class ClassicalCodec:
         return points
 
 
-# JPEG is Pillow's libjpeg with its default 4:2:0 subsampling; AVIF falls back to avifenc/avifdec.
+# JPEG is Pillow's libjpeg with its default 4:2:0 subsampling; AVIF falls back to avifenc/avifdec,
+# JPEG XL to cjxl/djxl. HEVC is x265 intra inside a HEIF file (its few hundred bytes of container
+# are counted, as a file's are).
+HEIF = "pillow_heif:register_heif_opener"
 CLASSICAL_CODECS = {
     "jpeg": [ClassicalCodec("jpeg", pillow_format="JPEG")],
     "webp": [ClassicalCodec("webp", pillow_format="WEBP")],
@@ -119,7 +148,14 @@ CLASSICAL_CODECS = {
         ClassicalCodec("avif", pillow_format="AVIF"),
         ClassicalCodec("avif", commands=("avifenc", "avifdec"), suffix=".avif"),
     ],
-    "jxl": [ClassicalCodec("jxl", commands=("cjxl", "djxl"), suffix=".jxl")],
+    "hevc": [ClassicalCodec("hevc", pillow_format="HEIF", plugin=HEIF, options=(("chroma", 444),))],
+    "hevc420": [
+        ClassicalCodec("hevc420", pillow_format="HEIF", plugin=HEIF, options=(("chroma", 420),))
+    ],
+    "jxl": [
+        ClassicalCodec("jxl", pillow_format="JXL", plugin="pillow_jxl"),
+        ClassicalCodec("jxl", commands=("cjxl", "djxl"), suffix=".jxl"),
+    ],
 }
 
 
@@ -165,9 +201,7 @@ def baseline_curves(
             if cached.get("source") == codec.description() and same_ladder:
                 return cached
     per_image = {}
-    for x, name in track(
-        list(zip(images, names)), description=f"{codec.name} ladder", transient=True
-    ):
+    for x, name in track(list(zip(images, names)), description=f"{codec.name} ladder"):
         per_image[name] = [asdict(p) for p in codec.curve(x)]
     mean = {
         key: [

@@ -14,27 +14,40 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
+from torch import Tensor
 
 from src.codecs.base import Codec
 from src.codecs.loading import load_codec
 from src.coding.container import Rate
 from src.errors import CheckpointError, ConfigError
-from src.evaluation.baselines import baseline_curves, classical_codec, image_curve
+from src.evaluation.baselines import (
+    CLASSICAL_CODECS,
+    baseline_curves,
+    classical_codec,
+    image_curve,
+)
 from src.evaluation.bd_rate import bd_rate
-from src.evaluation.evaluate import evaluate_image, summarize, write_results
+from src.evaluation.evaluate import Counting, evaluate_image, summarize, write_results
 from src.evaluation.metrics import ms_ssim_db
 from src.evaluation.perceptual import PerceptualMetrics
 from src.evaluation.plot import plot_rd
 from src.evaluation.progressive import evaluate_progressive, progressive_table
+from src.evaluation.report import Panel, centre_crop, classical_panel, learned_panels, write_report
+from src.utils.progress import track
 
 SHOWN = (
     "bpp",
     "psnr",
     "ms_ssim",
+    "bpp_counts",
+    "psnr_on",
+    "bpp_file",
+    "bpp_streams",
+    "psnr_8bit",
+    "psnr_float",
     "delta_psnr_vs_jpeg_db",
     "rate_vs_jpeg_percent",
     "estimated_bpp",
@@ -97,16 +110,30 @@ def results_curve(payload: dict) -> Curve:
     return curve
 
 
-def load_results_json(path: str | Path) -> tuple[str, Curve]:
-    """A published curve (e.g. CompressAI's results/image/kodak/*.json) as (name, curve)."""
+def read_results_json(path: str | Path) -> tuple[str, Curve, str]:
+    """(name, curve, dataset) of a results JSON (e.g. CompressAI's results/image/kodak/*.json);
+    the dataset is its "dataset" entry, else the
+    folder it lies in (CompressAI keeps results/image/<dataset>/<model>.json)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"curve file {path} does not exist")
     try:
         payload = json.loads(path.read_text())
-        return payload.get("name", path.stem), results_curve(payload)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        dataset = str(payload.get("dataset") or path.resolve().parent.name)
+        return payload.get("name", path.stem), results_curve(payload), dataset
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path} is not a results JSON (name, results: bpp, psnr-rgb)") from err
+
+
+def published_label(name: str, dataset: str) -> str:
+    """How a curve read from a results file is named in the plot and the BD table: never the
+    same as a curve this run measured."""
+    return f"{name} [published, {dataset}]"
+
+
+def evaluated_dataset(data_cfg: DictConfig) -> str:
+    """A name for the images evaluated: the folder (or LMDB) they come from."""
+    return Path(str(data_cfg.get("root") or data_cfg.get("path") or "")).name or "unknown"
 
 
 def write_curve(name: str, description: str, summaries: list[dict], out_dir: Path) -> Path:
@@ -166,6 +193,30 @@ def bd_table(
     return table, rows
 
 
+def anchors(spec: object, curves: dict[str, Curve]) -> list[str]:
+    """The BD-rate anchors of `anchor=` (one or a list: baseline or curve names, results JSON
+    files, added to `curves` as published). Baselines missing on this machine are skipped with
+    a note when they are only the default's; a named curve that does not exist is an error."""
+    names = [str(a) for a in (spec if isinstance(spec, (list, ListConfig)) else [spec or "jpeg"])]
+    found = []
+    for anchor in names:
+        if anchor in curves:
+            found.append(anchor)
+        elif Path(anchor).is_file():
+            name, curve, source = read_results_json(anchor)
+            label = published_label(name, source)
+            curves[label] = curve
+            found.append(label)
+        elif anchor in CLASSICAL_CODECS and len(names) > 1:
+            continue  # a default anchor whose codec this machine lacks (noted above)
+        else:
+            raise ConfigError(
+                f"anchor={anchor} is neither a curve of this run ({', '.join(curves)}) "
+                "nor a results JSON file"
+            )
+    return found
+
+
 def curve_label(codec: Codec, ckpt: Path) -> str:
     """Fixed-rate checkpoints of one codec share a curve; a variable-rate one is its own."""
     return codec.name if codec.num_rates == 1 else f"{codec.name}:{ckpt.parent.parent.name}"
@@ -175,6 +226,7 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
     """Evaluate each checkpoint on the test images of `cfg.data`; returns the summaries."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    counting = Counting(str(cfg.get("bpp") or "file"), str(cfg.get("psnr") or "8bit"))
     # Built first: missing weight files stop the run before any coding.
     perceptual = PerceptualMetrics.from_config(cfg.get("perceptual"), device=cfg.device)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -198,6 +250,8 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
 
     summaries: dict[str, dict] = {}
     learned: dict[str, list[dict]] = {}
+    shown = names[: int((cfg.get("report") or {}).get("images", 2))]
+    crops: dict[str, dict[str, list[Panel]]] = {n: {} for n in shown}  # image -> curve -> points
     for ckpt in expand_checkpoints(ckpts):
         codec = load_codec(ckpt, device=cfg.device)
         codec.set_coding_options(**cfg.get("coding_options", {}))
@@ -206,8 +260,11 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
             name = f"{codec.name}-{ckpt.parent.parent.name}-{ckpt.stem}{suffix}"
             if perceptual is not None:
                 perceptual.reset()
-            results = [
-                evaluate_image(
+            label = curve_label(codec, ckpt)
+            results = []
+            for x, n in track(list(zip(images, names)), description=f"coding {name}"):
+                decoded: list[Tensor] = []
+                result = evaluate_image(
                     codec,
                     x.to(cfg.device),
                     n,
@@ -215,15 +272,21 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
                     rate,
                     tile=cfg.get("tile"),
                     perceptual=perceptual and perceptual.image,
+                    counting=counting,
+                    on_decoded=decoded.append if n in crops else None,
                 )
-                for x, n in track(list(zip(images, names)), description=f"coding {name}")
-            ]
-            summary = summarize(results)
+                results.append(result)
+                if n in crops:
+                    panel = Panel(
+                        f"{label}{suffix}", centre_crop(decoded[0].cpu()), result.bpp, result.psnr
+                    )
+                    crops[n].setdefault(label, []).append(panel)
+            summary = summarize(results, counting)
             if perceptual is not None:
                 summary.update(perceptual.dataset())
-            write_results(results, summary, name, out_dir)
+            write_results(results, summary, name, out_dir, counting)
             summaries[f"{ckpt}{suffix}"] = summary
-            learned.setdefault(curve_label(codec, ckpt), []).append(summary)
+            learned.setdefault(label, []).append(summary)
             console.print(summary_table(f"{ckpt}{suffix}", summary))
             if cfg.get("progressive"):
                 refs = {"jpeg": results_curve(jpeg)} if jpeg else {}
@@ -233,30 +296,46 @@ def evaluate(cfg: DictConfig, ckpts: list[str]) -> dict[str, dict]:
 
     curves: dict[str, Curve] = {}
     for label, points in learned.items():
-        write_curve(label, "lic-lab, real entropy coding; means over images", points, out_dir)
+        description = f"lic-lab, real entropy coding; {counting.describe()}; means over images"
+        write_curve(label, description, points, out_dir)
         curves[label] = {key: [p[key] for p in points] for key in ("bpp", "psnr", "ms_ssim")}
     for name, payload in baselines.items():
         curves[name] = results_curve(payload)
+    dataset = evaluated_dataset(cfg.data)
     for path in cfg.get("curves") or []:
-        name, curve = load_results_json(path)
-        curves[name] = curve
+        name, curve, source = read_results_json(path)
+        if source.lower() != dataset.lower():
+            console.print(
+                f"warning: curve {name} from {path} was measured on {source}, "
+                f"this evaluation codes {dataset}: their BD-rates compare different images"
+            )
+        label = published_label(name, source)
+        if label in curves:
+            raise ConfigError(f"curves= names {label!r} twice ({path})")
+        curves[label] = curve
 
     plot = plot_rd(curves, out_dir / "rd.png")
     console.print(f"RD plot: {plot}")
-    anchor = str(cfg.get("anchor") or "jpeg")
-    if anchor not in curves:
-        if Path(anchor).is_file():
-            anchor_name, curves_anchor = load_results_json(anchor)
-            curves[anchor_name] = curves_anchor
-            anchor = anchor_name
-        else:
-            raise ConfigError(
-                f"anchor={anchor} is neither a curve of this run ({', '.join(curves)}) "
-                "nor a results JSON file"
-            )
-    table, rows = bd_table(curves, anchor, str(cfg.get("bd_method") or "pchip"))
-    if rows:
-        console.print(table)
-        (out_dir / "bd_rate.json").write_text(json.dumps(rows, indent=2))
+    all_rows = []
+    for anchor in anchors(cfg.get("anchor"), curves):
+        table, rows = bd_table(curves, anchor, str(cfg.get("bd_method") or "pchip"))
+        if rows:
+            console.print(table)
+            all_rows += rows
+    if all_rows:
+        (out_dir / "bd_rate.json").write_text(json.dumps(all_rows, indent=2))
+    comparisons = []
+    for n, by_curve in crops.items():
+        x = images[names.index(n)]
+        panels = [Panel("original", centre_crop(x))] + learned_panels(by_curve)
+        if len(panels) > 1:
+            for base, payload in baselines.items():
+                codec = classical_codec(base, payload["results"]["quality"])
+                panels.append(classical_panel(codec, x, image_curve(payload, n), panels[1].bpp))
+        comparisons.append((n, panels))
+    report = write_report(
+        out_dir / "report.html", f"lic-lab evaluation on {dataset}", plot, all_rows, comparisons
+    )
+    console.print(f"report: {report}")
     console.print(f"results written to {out_dir}")
     return summaries

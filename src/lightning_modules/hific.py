@@ -4,7 +4,12 @@ Generator loss (E, G and the hyperprior):  λ'·bpp + k_M·MSE₂₅₅ + k_P·L
 with λ' from the target-rate penalty (`src/losses/target_rate.py`), MSE₂₅₅ the mean squared
 error on the 0–255 scale and LPIPS on AlexNet. Stage A (`adversarial=False`, `model=hific_base`)
 has no discriminator at all; stage B (`model=hific`, `ckpt=<stage A>`) adds the latent-conditioned
-discriminator, which starts fresh while everything else is loaded.
+discriminator, which starts fresh while everything else is loaded. `discriminator=tf` is the TF
+reference's 70-px PatchGAN, `port` the PyTorch port's layout (`src/losses/adversarial.py`).
+
+Stage B's checkpoint is its newest state: no validation figure ranks GAN checkpoints (val/loss
+leaves the GAN term out and jumps with the rate switch), and both references evaluate the final
+step. So in stage B `best.ckpt` is written without a monitor (`configure_callbacks`).
 
 Three optimisers, stepped by hand: the transforms (with the factorized density at its own
 learning-rate group), the auxiliary one for the entropy bottleneck's quantiles, and the
@@ -18,7 +23,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -65,7 +72,9 @@ class Hific(RateDistortion):
         lpips_weights: directory with the LPIPS files, or "random" (tests only).
         lpips_net: "alex" (paper) or "vgg".
         adversarial: stage B (with the discriminator) or stage A (without).
-        gan_weight: β; gan_loss: "non_saturating" or "least_squares".
+        gan_weight: β; gan_loss: "non_saturating", "least_squares" (the references': on sigmoid
+            outputs, halved) or "least_squares_logits".
+        discriminator: the discriminator's layout, "tf" (TF reference) or "port".
         d_steps_per_g_step: discriminator batches per generator batch.
         disc_optimizer: partial of the discriminator's optimiser (defaults to `optimizer`).
         disc_channels, disc_latent_embedding: the discriminator's widths.
@@ -100,6 +109,7 @@ class Hific(RateDistortion):
         disc_optimizer: OptimizerFactory | None = None,
         disc_channels: tuple[int, ...] = (64, 128, 256, 512),
         disc_latent_embedding: int = 12,
+        discriminator: str = "tf",
         metric: str = "mse-lpips",
         n_residual_blocks: int | None = None,
         quality: int | None = None,
@@ -152,7 +162,9 @@ class Hific(RateDistortion):
         self.gan_loss = check_gan_loss(gan_loss)
         self.disc_optimizer_factory = disc_optimizer or optimizer
         self.discriminator = (
-            ConditionalDiscriminator(codec.latent_channels, disc_channels, disc_latent_embedding)
+            ConditionalDiscriminator(
+                codec.latent_channels, disc_channels, disc_latent_embedding, layout=discriminator
+            )
             if adversarial
             else None
         )
@@ -177,7 +189,7 @@ class Hific(RateDistortion):
                 LPIPS(self.hparams.lpips_weights, self.hparams.lpips_net, key="model.lpips_weights")
             )
         net = self._lpips[0]
-        if net.shift.device != self.device:
+        if next(net.parameters()).device != self.device:
             net.to(self.device)
         return net
 
@@ -200,6 +212,23 @@ class Hific(RateDistortion):
             # G batches leave D's parameters unused and D batches the codec's: DDP must expect it
             # (setup runs before the strategy wraps the module).
             strategy._ddp_kwargs["find_unused_parameters"] = True
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Stage B: the configured `ModelCheckpoint`, unmonitored, so `best.ckpt` is the newest
+        state (see the module docstring). Lightning puts it in place of the configured one."""
+        current = self._trainer.checkpoint_callback if self._trainer is not None else None
+        if self.discriminator is None or current is None or current.monitor is None:
+            return []
+        return [
+            ModelCheckpoint(
+                dirpath=current.dirpath,
+                filename=current.filename,
+                save_last=current.save_last,
+                auto_insert_metric_name=current.auto_insert_metric_name,
+                every_n_train_steps=current._every_n_train_steps,
+                every_n_epochs=current._every_n_epochs,
+            )
+        ]
 
     def configure_optimizers(self) -> Any:
         configured = super().configure_optimizers()
