@@ -68,7 +68,10 @@ def test_every_experiment_composes(compose_train, experiment):
 
 
 def test_every_experiment_has_its_own_run_name(compose_train):
-    names = {e: compose_train(f"experiment={e}", tiny=False).run_name for e in EXPERIMENTS}
+    names = {
+        e: compose_train(f"experiment={e}", tiny=False, sample_data=False).run_name
+        for e in EXPERIMENTS
+    }
     assert len(set(names.values())) == len(names), names
     assert all(name.startswith(e) for e, name in names.items()), names
 
