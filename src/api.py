@@ -28,14 +28,16 @@ def compress_file(
     target: str | Path,
     rate: Rate | None = None,
     tile: int | None = None,
+    levels: int | None = None,
 ) -> bytes:
     """Code the image file `source` into `target`; returns the bytes written.
 
-    Grayscale and palette images are coded as RGB, alpha is composited onto white.
+    Grayscale and palette images are coded as RGB, alpha is composited onto white. `levels`
+    writes only the first latent groups of a progressive codec.
     """
     device = next(codec.parameters()).device
     x = decode_rgb(source).float().div(255).unsqueeze(0).to(device)
-    data = codec.compress_to_bytes(x, rate, tile=tile)
+    data = codec.compress_to_bytes(x, rate, tile=tile, levels=levels)
     Path(target).write_bytes(data)
     return data
 

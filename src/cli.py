@@ -5,6 +5,7 @@
     python -m src.cli export RUN/checkpoints/best.ckpt model.codec
     python -m src.cli compress   --ckpt model.codec in.png out.lic
     python -m src.cli inspect out.lic
+    python -m src.cli cut out.lic first3.lic --levels 3   # progressive codecs: the first 3 groups
     python -m src.cli import compressai bmshj2018-hyperprior-1-7eb97409.pth.tar out.ckpt \
         --arch bmshj2018-hyperprior --quality 1       # the authors' released weights as our checkpoint
 
@@ -25,7 +26,7 @@ from PIL import Image
 from src.api import Rate, compress_file, decompress_file, export_codec, load_codec
 from src.codecs.base import Codec
 from src.codecs.importing import discover_formats, import_weights
-from src.coding.container import MAX_PIXELS, unpack
+from src.coding.container import MAX_PIXELS, keep_first_streams, unpack
 from src.errors import LicError
 from src.utils.cli import run_command
 
@@ -62,7 +63,7 @@ def _compress(args: argparse.Namespace) -> None:
         rate = Rate.index(args.rate_index)
     elif args.factor is not None:
         rate = Rate.factor(args.factor)
-    data = compress_file(codec, args.input, args.output, rate, args.tile)
+    data = compress_file(codec, args.input, args.output, rate, args.tile, args.levels)
     h, w = unpack(data).image_size
     print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h})")
 
@@ -78,6 +79,15 @@ def _export(args: argparse.Namespace) -> None:
     path = export_codec(codec, args.output)
     size = path.stat().st_size
     print(f"{path}: {codec.name}, {size / 1e6:.2f} MB, fingerprint {codec.fingerprint().hex()}")
+
+
+def _cut(args: argparse.Namespace) -> None:
+    data = keep_first_streams(Path(args.input).read_bytes(), args.levels)
+    Path(args.output).write_bytes(data)
+    h, w = unpack(data).image_size
+    print(
+        f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp, first {args.levels}"
+    )
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -136,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--tile", type=int, help="code images larger than TILE x TILE tile by tile"
             )
+            p.add_argument("--levels", type=int, help="progressive codecs: write k latent groups")
         else:
             p.add_argument("--levels", type=int, help="progressive codecs: decode k latent groups")
             p.add_argument(
@@ -163,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="mse", choices=("mse", "ms-ssim"))
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="format-specific")
     p.set_defaults(fn=_import)
+    p = sub.add_parser("cut", help="a coded file cut to its first latent groups (progressive)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--levels", type=int, required=True, help="latent groups to keep")
+    p.set_defaults(fn=_cut)
     p = sub.add_parser("inspect", help="print a coded file's header")
     p.add_argument("input")
     p.set_defaults(fn=_inspect)

@@ -6,13 +6,14 @@
                                        [--size 256 256]
     python -m src.generate inpaint     --ckpt CKPT --out inpaint.png IMAGE.png
                                        [--box 0.25 0.25 0.75 0.75] [--n 4] [--temperature 1.0]
-                                       [--iterations 1] [--size 256 256]
+                                       [--iterations 1] [--size 256 256] [--raw]
 
 The same as the console script `lic-generate sample|interpolate|inpaint ...`. Sampling draws every
 latent from its prior at a temperature (one grid row per temperature). Interpolation decodes
 linear blends of the two images' quantised latents. Inpainting keeps the latents outside the box
-and redraws those inside it (repeat with --iterations to let the two agree better); the grid
-shows the original, the masked input, then the samples.
+(and every 1x1 latent) and redraws those inside it (repeat with --iterations to let the two agree
+better); the grid shows the original, the masked input, then the samples: the original with the
+box pasted in, or with --raw the decoded samples themselves.
 """
 
 from __future__ import annotations
@@ -94,6 +95,32 @@ def _interpolate(args: argparse.Namespace, codec: Codec) -> None:
     save_grid(torch.cat([a, decoded, b]), args.steps + 2, args.out)
 
 
+def inpaint(
+    codec: Codec,
+    x: Tensor,
+    box: Sequence[float],
+    n: int = 1,
+    iterations: int = 1,
+    temperature: float = 1.0,
+    raw: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Redraw the `box` (x1, y1, x2, y2 in fractions) of the image `x` (1, 3, H, W), `n` times.
+
+    Each iteration encodes the current images, keeps their latents outside the box (and every
+    1x1 latent) and decodes with the box's part redrawn from the prior; the box of the decoded
+    sample then replaces the box of the input to the next iteration. Returns the masked input
+    and the `n` results: the original with the box pasted in, or with `raw` the decoded samples
+    themselves (what the reference returns)."""
+    rows, cols = box_slices(box, *x.shape[-2:])
+    masked = x.clone()
+    masked[..., rows, cols] = 0.5
+    current = masked.expand(n, -1, -1, -1).clone()
+    for _ in range(iterations):
+        sample = codec.generate(n, tuple(x.shape[-2:]), codec.latents(current), temperature, box)
+        current[..., rows, cols] = sample[..., rows, cols]
+    return masked, sample if raw else current
+
+
 def _inpaint(args: argparse.Namespace, codec: Codec) -> None:
     check_size(args.size, codec.stride)
     x1, y1, x2, y2 = args.box
@@ -104,16 +131,10 @@ def _inpaint(args: argparse.Namespace, codec: Codec) -> None:
     if args.n < 1 or args.iterations < 1 or args.temperature < 0:
         raise LicError("--n and --iterations must be positive, --temperature at least 0")
     x = load_image(args.image, args.size, codec.stride).to(args.device)
-    rows, cols = box_slices(args.box, *x.shape[-2:])
-    masked = x.clone()
-    masked[..., rows, cols] = 0.5
-    current = masked.expand(args.n, -1, -1, -1).clone()
-    for _ in range(args.iterations):
-        filled = codec.generate(
-            args.n, tuple(x.shape[-2:]), codec.latents(current), args.temperature, args.box
-        )
-        current[..., rows, cols] = filled[..., rows, cols]
-    save_grid(torch.cat([x, masked, current]), args.n + 2, args.out)
+    masked, results = inpaint(
+        codec, x, args.box, args.n, args.iterations, args.temperature, args.raw
+    )
+    save_grid(torch.cat([x, masked, results]), args.n + 2, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--n", type=int, default=4, help="inpainted samples")
             p.add_argument("--temperature", type=float, default=1.0)
             p.add_argument("--iterations", type=int, default=1)
+            p.add_argument(
+                "--raw",
+                action="store_true",
+                help="show the decoded samples themselves, not the original with the box pasted",
+            )
     return parser
 
 

@@ -37,14 +37,16 @@ def one_thread():
 
 
 def compose_config(
-    out_dir: Path, sample_root: Path, *overrides: str, tiny: bool = True
+    out_dir: Path, sample_root: Path, *overrides: str, tiny: bool = True, sample_data: bool = True
 ) -> DictConfig:
-    """The train config as `python train.py` composes it, writing its run into `out_dir/run`."""
+    """The train config as `python train.py` composes it, writing its run into `out_dir/run`.
+
+    `sample_data=False` leaves `data.root` alone (a preset that picks its own data group)."""
     GlobalHydra.instance().clear()
     base = [
         f"paths.log_dir={out_dir}/logs",
         f"paths.data_dir={out_dir}/data",
-        f"data.root={sample_root}",
+        *([f"data.root={sample_root}"] if sample_data else []),
         f"hydra.run.dir={out_dir}/run",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -64,8 +66,8 @@ def compose_config(
 def compose_train(tmp_path: Path, sample_root: Path):
     """compose_train(*overrides) -> the train config, tiny, writing under tmp_path."""
 
-    def _compose(*overrides: str, tiny: bool = True) -> DictConfig:
-        return compose_config(tmp_path, sample_root, *overrides, tiny=tiny)
+    def _compose(*overrides: str, tiny: bool = True, sample_data: bool = True) -> DictConfig:
+        return compose_config(tmp_path, sample_root, *overrides, tiny=tiny, sample_data=sample_data)
 
     return _compose
 

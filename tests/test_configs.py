@@ -63,12 +63,15 @@ def test_several_loggers_at_once(compose_train):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(compose_train, experiment):
-    cfg = compose_train(f"experiment={experiment}", tiny=False)
+    cfg = compose_train(f"experiment={experiment}", tiny=False, sample_data=False)
     hydra.utils.instantiate(cfg.model)
 
 
 def test_every_experiment_has_its_own_run_name(compose_train):
-    names = [compose_train(f"experiment={e}", tiny=False).run_name for e in EXPERIMENTS]
+    names = [
+        compose_train(f"experiment={e}", tiny=False, sample_data=False).run_name
+        for e in EXPERIMENTS
+    ]
     plain = {compose_train(f"model={m}", tiny=False).run_name for m in MODELS}
     assert len(set(names)) == len(names) and not set(names) & plain, names
     assert all(name.startswith(e) for e, name in zip(EXPERIMENTS, names)), names

@@ -77,3 +77,18 @@ def test_empty_folder_is_a_clear_error(tmp_path):
         ImageFolderDataModule(str(tmp_path)).setup("fit")
     with pytest.raises(DataError, match="does not exist"):
         ImageFolderDataModule(str(tmp_path / "missing")).setup("fit")
+
+
+def test_validation_on_whole_images_cropped_to_multiples(tmp_path):
+    """QRes-VAE's validation: each whole image, centre-cropped down to multiples of 64."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    _photo(tmp_path / "train" / "a.png")
+    wide = decode_rgb(_photo(tmp_path / "val" / "wide.png", size=(200, 140)))
+    _photo(tmp_path / "val" / "tall.png", size=(70, 130))
+    data = ImageFolderDataModule(str(tmp_path), val_crop_multiple=64, val_batch_size=1)
+    data.setup("validate")
+    shapes = sorted(tuple(data.val_set[i].shape) for i in range(len(data.val_set)))
+    assert shapes == [(3, 128, 64), (3, 128, 192)]
+    crop = next(data.val_set[i] for i in range(2) if data.val_set[i].shape[-1] == 192)
+    assert torch.equal(crop, wide[:, 6:134, 4:196].float().div(255))  # the centre

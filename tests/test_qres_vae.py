@@ -8,22 +8,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from PIL import Image
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from src import generate
 from src.cli import main as cli_main
 from src.codecs.loading import load_codec
 from src.codecs.qres_vae import QResVAE
+from src.coding.container import keep_first_streams, unpack
 from src.datamodules.images import decode_rgb
 from src.errors import ConfigError, LicError
 from src.evaluation.baselines import to_pil
-from src.evaluation.metrics import quantize_8bit
+from src.evaluation.metrics import ms_ssim, quantize_8bit
 from src.evaluation.progressive import evaluate_progressive
 from src.lightning_modules.qres_vae import QResLoss, compressai_lmbda
 
@@ -122,6 +123,19 @@ def test_presets_compose_at_paper_size_with_the_paper_recipe(compose_train, pres
     assert "warmup_cosine" in cfg.model.scheduler._target_
 
 
+def test_qres_paper_preset_is_the_authors_recipe(compose_train):
+    cfg = compose_train("experiment=qres_paper", tiny=False, sample_data=False)
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.data.batch_size) == ("ddp", 4, 16)
+    assert cfg.trainer.max_steps == 600_000 and cfg.trainer.val_check_interval == 1000
+    assert cfg.data._target_.endswith("LmdbDataModule") and cfg.data.path.endswith("/coco")
+    assert cfg.data.val_path.endswith("/kodak") and cfg.data.val_crop_multiple == 64
+    assert cfg.model.codec.arch == "qres34m" and cfg.model.validate_plain
+    assert cfg.model.scheduler is None and cfg.model.optimizer.lr == pytest.approx(2e-4)
+    guard = {k: cfg.model[k] for k in ("spike_lr_scale", "spike_lr_hold", "spike_min_history")}
+    assert guard == {"spike_lr_scale": 0.1, "spike_lr_hold": 10, "spike_min_history": 1}
+    assert cfg.model.spike_include_current and cfg.model.ema_warmup_steps == 10000
+
+
 def test_lambda_conventions_and_bad_values(compose_train):
     assert compressai_lmbda(16) == pytest.approx(0.00426, abs=1e-5)
     assert compressai_lmbda(2048) == pytest.approx(0.545, abs=1e-3)
@@ -164,35 +178,59 @@ def test_progressive_decoding_refines_monotonically(trained, photo, tmp_path):
     with pytest.raises(LicError, match="levels must be in 0..12"):
         trained.decompress(encoded, levels=13)
 
-    # The CLI's --levels decodes a real file the same way.
+
+def lic(*args: object) -> int:
+    return cli_main([str(a) for a in args])
+
+
+def test_files_of_the_first_k_groups_decode_alone(trained, photo, tmp_path, capsys):
+    """A file written with `compress --levels k`, or cut from a full file with `cut`, holds k
+    streams and decodes (without --levels) to the image `decompress --levels k` makes of the
+    full file."""
     ckpt = save_codec(trained, tmp_path / "qres.ckpt")
     to_pil(photo).save(tmp_path / "in.png")
-    assert (
-        cli_main(
-            ["compress", "--ckpt", str(ckpt), str(tmp_path / "in.png"), str(tmp_path / "x.lic")]
-        )
-        == 0
+    assert lic("compress", "--ckpt", ckpt, tmp_path / "in.png", tmp_path / "full.lic") == 0
+    k3_file = tmp_path / "k3.lic"
+    assert lic("compress", "--ckpt", ckpt, "--levels", 3, tmp_path / "in.png", k3_file) == 0
+    assert lic("cut", tmp_path / "full.lic", tmp_path / "cut3.lic", "--levels", 3) == 0
+    full, k3 = (tmp_path / "full.lic").read_bytes(), (tmp_path / "k3.lic").read_bytes()
+    assert (tmp_path / "cut3.lic").read_bytes() == k3 == keep_first_streams(full, 3)
+    assert len(unpack(k3).streams) == 3 and len(k3) < len(full)
+    a_png = tmp_path / "a.png"
+    assert lic("decompress", "--ckpt", ckpt, "--levels", 3, tmp_path / "full.lic", a_png) == 0
+    assert lic("decompress", "--ckpt", ckpt, tmp_path / "k3.lic", tmp_path / "b.png") == 0
+    from_full = decode_rgb(a_png).unsqueeze(0)
+    assert torch.equal(decode_rgb(tmp_path / "b.png").unsqueeze(0), from_full)
+    assert torch.equal(from_full.float().div(255), quantize_8bit(trained.decompress_bytes(full, 3)))
+    # The later groups are not in the file: asking for them is refused, not made up.
+    assert lic("decompress", "--ckpt", ckpt, "--levels", 4, k3_file, tmp_path / "c.png") == 2
+    assert "holds 3 of 12 coded groups" in capsys.readouterr().err
+    # Fewer levels of a cut file still decode; so does a tiled file cut tile by tile.
+    assert torch.equal(trained.decompress_bytes(k3, 2), trained.decompress_bytes(full, 2))
+    wide = torch.cat([photo, photo.flip(-1)], dim=-1)
+    tiled = trained.compress_to_bytes(wide, tile=64)
+    assert torch.equal(
+        trained.decompress_bytes(keep_first_streams(tiled, 5)), trained.decompress_bytes(tiled, 5)
     )
-    assert (
-        cli_main(
-            [
-                "decompress",
-                "--ckpt",
-                str(ckpt),
-                "--levels",
-                "3",
-                str(tmp_path / "x.lic"),
-                str(tmp_path / "k3.png"),
-            ]
-        )
-        == 0
-    )
-    k3 = decode_rgb(tmp_path / "k3.png").float().div(255).unsqueeze(0)
-    assert torch.equal(k3, quantize_8bit(trained.decompress(encoded, levels=3)))
+    assert keep_first_streams(tiled, 5) == trained.compress_to_bytes(wide, tile=64, levels=5)
 
 
-def test_progressive_evaluation_writes_the_curve_and_strips(trained, photo, tmp_path):
+def test_progressive_evaluation_writes_the_curve_and_strips(trained, photo, tmp_path, monkeypatch):
+    """Each point of the curve is coded and decoded as the file of its first k groups: the
+    decoder sees exactly k streams (never the full file) and the rate is that file's size."""
+    seen: list[tuple[int, int | None]] = []
+    decode = trained._decompress_padded
+
+    def recording(streams, latent_shape, levels=None):
+        seen.append((len(streams), levels))
+        return decode(streams, latent_shape, levels)
+
+    monkeypatch.setattr(trained, "_decompress_padded", recording)
     curve = evaluate_progressive(trained, [photo], ["face.png"], "qres", tmp_path)
+    assert seen == [(k, None) for k in range(1, 13)]
+    full = trained.compress_to_bytes(photo)
+    for k, bpp in zip(range(1, 13), curve["bpp"]):
+        assert bpp == pytest.approx(8 * len(keep_first_streams(full, k)) / 64**2)
     assert curve["levels"] == [float(k) for k in range(1, 13)]
     assert curve["bpp"] == sorted(curve["bpp"]) and curve["bpp"][0] < curve["bpp"][-1]
     assert curve["psnr"][-1] > curve["psnr"][0]
@@ -271,7 +309,12 @@ def test_training_skips_spikes_and_keeps_ema_weights_for_validation_and_export(
     compose_train, photo, tmp_path
 ):
     cfg = compose_train(
-        "model=qres17m", *TINY_RUN, "model.ema_decay=0.5", "model.ema_warmup_steps=1", tiny=False
+        "model=qres17m",
+        *TINY_RUN,
+        "model.ema_decay=0.5",
+        "model.ema_warmup_steps=1",
+        "model.spike_lr_scale=0",  # skip spike steps (the reference takes them at 0.1x)
+        tiny=False,
     )
     module = hydra.utils.instantiate(cfg.model)
     batch = photo.expand(2, -1, -1, -1).contiguous()
@@ -345,12 +388,39 @@ def test_generate_commands_write_png_grids(trained, photo, sample_root, tmp_path
         assert grid.size == (6 * 66 + 2, 66 + 2)  # a, 4 blends, b
     with Image.open(tmp_path / "p.png") as grid:
         assert grid.size == (4 * 66 + 2, 66 + 2)  # original, masked, 2 samples
-        inpainted = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
-    # Outside the box every inpainted sample is the original image.
-    sample = inpainted[:, 2:66, 3 * 66 + 2 : 4 * 66].float().div(255)
-    outside = torch.ones(64, 64, dtype=torch.bool)
-    outside[16:48, 16:48] = False
-    assert torch.allclose(sample[:, outside], quantize_8bit(photo)[0][:, outside], atol=1 / 255)
+    raw = ["--n", "2", "--raw", *box, a]
+    assert run_generate("inpaint", ckpt, tmp_path / "r.png", *raw) == 0
+    with Image.open(tmp_path / "r.png") as grid:
+        assert grid.size == (4 * 66 + 2, 66 + 2)
+
+
+def test_inpainting_keeps_1x1_latents_and_can_return_the_raw_sample(trained, photo):
+    # A 64 x 64 image has a 1 x 1 top latent. Every prior sample is drawn whether kept or not,
+    # so with the same seed, inpainting the whole image equals sampling with z1 given alone
+    # exactly when the 1 x 1 latent is kept (redrawing it would change every pixel).
+    latents = trained.latents(photo)
+    assert latents[0].shape[-2:] == (1, 1)
+    torch.manual_seed(3)
+    whole = trained.generate(1, (64, 64), latents, 1.0, box=(0.0, 0.0, 1.0, 1.0))
+    torch.manual_seed(3)
+    top_only = trained.generate(1, (64, 64), latents[:1], 1.0)
+    assert torch.equal(whole, top_only)
+
+    box = (0.25, 0.25, 0.75, 0.75)
+    torch.manual_seed(4)
+    masked, raw = generate.inpaint(trained, photo, box, n=2, temperature=0.5, raw=True)
+    torch.manual_seed(4)
+    _, pasted = generate.inpaint(trained, photo, box, n=2, temperature=0.5)
+    torch.manual_seed(4)
+    expected = trained.generate(
+        2, (64, 64), trained.latents(masked.expand(2, -1, -1, -1)), 0.5, box
+    )
+    assert torch.equal(raw, expected)  # the decoded sample itself
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[16:48, 16:48] = True
+    assert torch.equal(pasted[..., inside], raw[..., inside])
+    assert torch.equal(pasted[..., ~inside], photo.expand(2, -1, -1, -1)[..., ~inside])
+    assert not torch.allclose(raw[..., ~inside], pasted[..., ~inside], atol=1 / 255)
 
 
 def test_generate_refuses_bad_input_with_clear_errors(trained, tmp_path, capsys):
@@ -365,24 +435,169 @@ def test_generate_refuses_bad_input_with_clear_errors(trained, tmp_path, capsys)
     assert "--box" in capsys.readouterr().err
 
 
-def test_spike_guard_can_take_the_step_at_a_reduced_rate_instead(compose_train):
-    cfg = compose_train("model=qres17m", *TINY_RUN, "model.spike_lr_scale=0.1", tiny=False)
+class Recording:
+    """What Lightning's optimizer wrapper offers the recipe; remembers the rate of each step."""
+
+    def __init__(self, lr: float = 2e-4) -> None:
+        self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        self.rates: list[float] = []
+
+    def step(self) -> None:
+        self.rates.append(self.optimizer.param_groups[0]["lr"])
+
+    def zero_grad(self) -> None:
+        self.rates.append(0.0)
+
+
+def guard(compose_train, *overrides: str):
+    cfg = compose_train("model=qres17m", *TINY_RUN, *overrides, tiny=False)
+    return hydra.utils.instantiate(cfg.model)
+
+
+def run_guard(module, norms: list[float]) -> list[float]:
+    """The learning rate each step was taken at (0: skipped) for a sequence of gradient norms."""
+    optimizer, loss = Recording(), torch.tensor(1.0)
+    for step, norm in enumerate(norms):
+        module.guarded_step(optimizer, norm, loss, step)
+    assert optimizer.optimizer.param_groups[0]["lr"] == 2e-4  # the schedule's rate is untouched
+    return optimizer.rates
+
+
+def test_spike_guard_follows_the_reference_by_default(compose_train):
+    """The reference's loop: the window's median includes the judged norm, judging starts at
+    once, a spike is taken at 0.1x the rate, and that reduction holds (and compounds) until the
+    step count next reaches a multiple of 10. The EMA skips spike steps."""
+    module = guard(compose_train)
+    ema_steps = []
+    module.update_ema = ema_steps.append
+    lr, low = 2e-4, 2e-5
+    rates = run_guard(module, [1.0] * 12 + [50.0, 1.0, 60.0] + [1.0] * 7)
+    assert rates[:12] == [lr] * 12
+    assert rates[12:15] == pytest.approx([low, low, low / 10])  # steps 12, 13, 14 (a 2nd spike)
+    assert rates[15:20] == pytest.approx([low / 10] * 5) and rates[20:] == [lr] * 2  # reset at 20
+    assert ema_steps == [s for s in range(22) if s not in (12, 14)]
+    assert module.spike_steps == 2 and module.skipped_steps == 0
+
+    # Judged from the second norm on, with the judged norm in the window: [1, 20] has median
+    # 10.5, so 20 is no spike; the window of earlier norms alone (median 1) would call it one.
+    assert run_guard(guard(compose_train), [1.0, 20.0, 1.0, 300.0]) == pytest.approx(
+        [lr, lr, lr, low]
+    )
+    older = guard(compose_train, "model.spike_include_current=false")
+    assert run_guard(older, [1.0, 20.0]) == pytest.approx([lr, low])
+    waits = guard(compose_train, "model.spike_min_history=5")
+    assert run_guard(waits, [1.0, 300.0, 1.0, 1.0, 1.0, 300.0]) == pytest.approx([lr] * 5 + [low])
+
+
+def test_spike_guard_can_skip_spikes_or_restore_the_rate_at_once(compose_train):
+    module = guard(compose_train, "model.spike_lr_scale=0")
+    assert run_guard(module, [1.0] * 5 + [50.0, math.nan, 1.0]) == [2e-4] * 5 + [0.0, 0.0, 2e-4]
+    assert module.skipped_steps == 2 and module.grad_norms.count(50.0) == 1
+    module = guard(compose_train, "model.spike_lr_hold=1")
+    rates = run_guard(module, [1.0] * 5 + [50.0, 1.0])
+    assert rates == pytest.approx([2e-4] * 5 + [2e-5, 2e-4])
+    module = guard(compose_train)
+    assert run_guard(module, [1.0] * 5 + [math.inf]) == [2e-4] * 5 + [0.0]  # never stepped
+    with pytest.raises(InstantiationException, match="spike_min_history"):
+        guard(compose_train, "model.spike_min_history=0")
+
+
+def test_validating_plain_and_ema_weights_keeps_the_better(compose_train, photo, tmp_path):
+    cfg = compose_train("model=qres17m", *TINY_RUN, "model.validate_plain=true", tiny=False)
     module = hydra.utils.instantiate(cfg.model)
-    param = torch.nn.Parameter(torch.zeros(1))
-    seen: list[float] = []
+    batch = photo.expand(2, -1, -1, -1).contiguous()
+    trainer = pl.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, DataLoader([batch] * 3, batch_size=None))
+    with torch.no_grad():  # spoil the EMA: the plain weights must now win
+        for p in module.codec.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    metrics = trainer.validate(module, DataLoader([batch], batch_size=None), verbose=False)[0]
+    assert metrics["val/plain/loss"] < metrics["val/ema/loss"]
+    assert metrics["val/loss"] == metrics["val/plain/loss"] and module.kept == "plain"
 
-    class Recording:  # what Lightning's optimizer wrapper offers the recipe
-        optimizer = torch.optim.SGD([param], lr=2e-4)
+    def flat(part) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in part.parameters()])
 
-        def step(self) -> None:
-            seen.append(self.optimizer.param_groups[0]["lr"])
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert torch.equal(flat(load_codec(tmp_path / "last.ckpt")), flat(module.online))
+    # Resuming and warm starts get the EMA back where training keeps it.
+    for restore in ("resume", "ckpt"):
+        fresh = hydra.utils.instantiate(cfg.model)
+        if restore == "resume":
+            checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+            fresh.on_load_checkpoint(checkpoint)
+            fresh.load_state_dict(checkpoint["state_dict"])
+            assert fresh.kept == "plain"
+        else:
+            fresh.init_weights_from(tmp_path / "last.ckpt")
+        assert torch.equal(flat(fresh.codec), flat(module.codec))
+        assert torch.equal(flat(fresh.online), flat(module.online))
 
-        def zero_grad(self) -> None:
-            seen.append(-1.0)
 
-    module.grad_norms.extend([1.0] * 20)
-    assert not module.is_spike(9.0) and module.is_spike(11.0) and module.is_spike(math.nan)
-    assert module._handle_spike(Recording(), 50.0, torch.tensor(1.0)) is True
-    assert seen == [pytest.approx(2e-5)] and Recording.optimizer.param_groups[0]["lr"] == 2e-4
-    assert module._handle_spike(Recording(), math.inf, torch.tensor(1.0)) is False  # skipped
-    assert seen[-1] == -1.0 and module.skipped_steps == 2
+def test_ms_ssim_training_is_an_option(compose_train):
+    cfg = compose_train(
+        "model=qres17m", *TINY_RUN, "model.metric=ms-ssim", "model.lmbda=8", tiny=False
+    )
+    module = hydra.utils.instantiate(cfg.model)
+    x = torch.rand(1, 3, 192, 192, generator=torch.Generator().manual_seed(0))
+    out = module.online(x)
+    terms = module.rd_loss(x, out)
+    rate = out.total_bits() * math.log(2) / x[0].numel()
+    expected = rate + 8 * (1 - ms_ssim(x, out.x_hat.clamp(0, 1)))
+    assert float(terms.loss) == pytest.approx(float(expected), rel=1e-4)
+    terms.loss.backward()
+    assert all(
+        torch.isfinite(p.grad).all() for p in module.online.parameters() if p.grad is not None
+    )
+    with pytest.raises(ConfigError, match="data.crop"):
+        small = x[..., :64, :64]
+        module.rd_loss(small, module.online(small))
+    assert compressai_lmbda(8, "ms-ssim") == pytest.approx(34.62, abs=0.01)
+    cfg = compose_train("model=qres17m", *TINY_RUN, "model.metric=nll", tiny=False)
+    with pytest.raises(InstantiationException, match="one of \\('mse', 'ms-ssim'\\)"):
+        hydra.utils.instantiate(cfg.model)
+
+
+def test_mixed_precision_clips_and_judges_unscaled_gradients(compose_train, photo):
+    """Under a 16-bit grad scaler (here CPU's, scale 1024) the norm the guard records and the
+    clip acts on are those of the unscaled gradients: close to a 32-bit run's, not 1024x."""
+    cfg = compose_train("model=qres17m", *TINY_RUN, tiny=False)
+    batch = photo.expand(2, -1, -1, -1).contiguous()
+    norms = {}
+    for name in ("32-true", "16-mixed"):
+        torch.manual_seed(0)
+        module = hydra.utils.instantiate(cfg.model)
+        plugins = []
+        if name == "16-mixed":
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            plugins = [MixedPrecision("16-mixed", "cpu", scaler)]
+        trainer = pl.Trainer(
+            max_steps=1,
+            plugins=plugins,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        trainer.fit(module, DataLoader([batch], batch_size=None))
+        norms[name] = module.grad_norms[0]
+        assert module.grad_scale() == (1.0 if name == "32-true" else 1024.0)
+    assert norms["16-mixed"] == pytest.approx(norms["32-true"], rel=0.05)
+    # The clip itself: gradients 1024x too large are clipped as if unscaled.
+    module = hydra.utils.instantiate(cfg.model)
+    for p in module.online.parameters():
+        p.grad = torch.full_like(p, 1.0)
+    unscaled = module.unscaled_clip(1.0)
+    for p in module.online.parameters():
+        p.grad = torch.full_like(p, 1024.0)
+    assert module.unscaled_clip(1024.0) == pytest.approx(unscaled)
+    clipped = torch.cat([p.grad.flatten() for p in module.online.parameters()])
+    assert float(clipped.norm()) == pytest.approx(2.0 * 1024, rel=1e-3)  # 2.0 after unscaling

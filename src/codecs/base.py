@@ -9,7 +9,7 @@ width are multiples of `stride`, and the base class pads on the way in and crops
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -301,25 +301,30 @@ class Codec(nn.Module):
         return self._fingerprint_cache[1]
 
     def compress_to_bytes(
-        self, x: Tensor, rate: Rate | None = None, tile: int | None = None
+        self,
+        x: Tensor,
+        rate: Rate | None = None,
+        tile: int | None = None,
+        levels: int | None = None,
     ) -> bytes:
         """One image as a complete file in the framework's container format.
 
         With `tile`, an image larger than `tile` × `tile` is coded tile by tile (each tile on its
         own, so memory is bounded by the tile, not the image); `tile` must be a multiple of the
-        codec's stride. Decoding needs no flag: the tile side travels in the header.
+        codec's stride. Decoding needs no flag: the tile side travels in the header. With
+        `levels`, a progressive codec writes only its first `levels` latent groups.
         """
         if x.dim() == 3:
             x = x.unsqueeze(0)
         h, w = x.shape[-2:]
         regions = tile_regions((h, w), tile)
         if len(regions) == 1:
-            return self.pack(self.compress(x, rate))
+            return self.pack(self.keep_levels(self.compress(x, rate), levels))
         if tile <= 0 or tile % self.stride:
             raise LicError(f"tile side must be a positive multiple of {self.stride}, got {tile}")
         records = []
         for rows, cols in regions:
-            encoded = self.compress(x[..., rows, cols], rate)
+            encoded = self.keep_levels(self.compress(x[..., rows, cols], rate), levels)
             records.append(pack_tile(encoded.latent_shape, encoded.streams))
         container = Container(
             codec_name=self.name,
@@ -332,6 +337,20 @@ class Codec(nn.Module):
             order=self.coding_order,
         )
         return pack(container)
+
+    def keep_levels(self, encoded: Encoded, levels: int | None) -> Encoded:
+        """`encoded` with only its first `levels` streams (None: all of them). A progressive
+        codec's streams are its latent groups, coarse to fine, so the first k decode alone."""
+        if levels is None:
+            return encoded
+        if not self.progressive:
+            raise LicError(f"{self.name} is not a progressive codec; it takes no levels")
+        if not 1 <= levels <= len(encoded.streams):
+            raise LicError(
+                f"{self.name} codes {len(encoded.streams)} groups; levels must be in "
+                f"1..{len(encoded.streams)}, got {levels}"
+            )
+        return replace(encoded, streams=encoded.streams[:levels])
 
     def pack(self, encoded: Encoded) -> bytes:
         """`encoded` as a complete file, stamped with this codec's name and fingerprint."""

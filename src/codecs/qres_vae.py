@@ -22,6 +22,13 @@ from torch import Tensor, nn
 
 from src.codecs.base import Codec, CodecOutput, Encoded
 from src.codecs.compressai_zoo import bits_from_likelihoods
+from src.codecs.importing import (
+    ImportRequest,
+    fit_state,
+    read_torch_file,
+    register_format,
+    rename_state,
+)
 from src.codecs.qres_blocks import (
     ConvNeXtBlock,
     ConvNeXtDown,
@@ -32,7 +39,7 @@ from src.codecs.qres_blocks import (
     patch_upsample,
 )
 from src.coding.container import BitstreamError
-from src.errors import ConfigError, LicError
+from src.errors import CheckpointError, ConfigError, LicError
 
 # The paper's base widths; widths are 2N at 1/4 resolution and 4N below.
 PAPER_N = {"qres34m": 96, "qres17m": 72}
@@ -131,8 +138,8 @@ class QResVAE(Codec):
         if arch not in LAYOUTS:
             raise ConfigError(f"model.codec.arch must be one of {tuple(LAYOUTS)}, got {arch!r}")
         n = PAPER_N[arch] if N is None else int(N)
-        if n < 8 or n % 2:
-            raise ConfigError(f"model.codec.N must be an even width of at least 8, got {N}")
+        if n < 4 or n % 2:  # below 4 a bottleneck of the 1/4-resolution blocks has no channels
+            raise ConfigError(f"model.codec.N must be an even width of at least 4, got {N}")
         self._record_config(arch=arch, N=N, lossless=lossless)
         self.name = f"{arch}_lossless" if lossless else arch
         self.lossless = lossless
@@ -205,9 +212,13 @@ class QResVAE(Codec):
         return mean, torch.exp(logscale) * (PIXEL_LEVELS / 2)
 
     def _pixel_coding_params(self, feature: Tensor) -> tuple[Tensor, Tensor]:
-        """The snapped integer mean and the table indexes the pixel coder uses on both sides."""
-        mean, scale = self._pixel_model(feature)
-        return mean.round().clamp(0, PIXEL_LEVELS), self.pixel_coder.build_indexes(scale)
+        """The integer mean (8-bit levels) and the scale the pixel coder uses on both sides.
+
+        Computed in the reference's float order, from the raw log-scale (its coder has no soft
+        floor), so that the pixel stream is byte-identical to the authors' code."""
+        half = PIXEL_LEVELS / 2
+        mean = torch.round(self.out_mean(feature) * half + half)
+        return mean, torch.exp(self.out_logscale(feature) - math.log(1 / half))
 
     # ---- the contract -------------------------------------------------------------------------
     def _forward_padded(self, x: Tensor) -> CodecOutput:
@@ -231,12 +242,13 @@ class QResVAE(Codec):
         x_hat = self.pixel_mean(feature)
         if self.lossless:
             levels = (x * PIXEL_LEVELS).round()
-            mean, scale = self._pixel_model(feature)
             if self.training:
+                mean, scale = self._pixel_model(feature)
                 log_p = discretized_gaussian_log_mass(levels, mean, scale)
                 bits["pixels"] = -log_p.flatten(1).sum(1) / math.log(2)
-            else:  # the snapped mean and bounded scale the pixel coder uses; decoding is exact
-                likelihood = self.pixel_coder._likelihood(levels, scale, mean.round())
+            else:  # the integer mean and the scale the pixel coder uses; decoding is exact
+                mean, scale = self._pixel_coding_params(feature)
+                likelihood = self.pixel_coder._likelihood(levels, scale, mean)
                 bits["pixels"] = bits_from_likelihoods(
                     self.pixel_coder.likelihood_lower_bound(likelihood)
                 )
@@ -256,7 +268,8 @@ class QResVAE(Codec):
         h, w = x.shape[-2] // self.stride, x.shape[-1] // self.stride
         feature = self.top_down(1, (h, w), encode)
         if self.lossless:
-            mean, indexes = self._pixel_coding_params(feature)
+            mean, scale = self._pixel_coding_params(feature)
+            indexes = self.pixel_coder.build_indexes(scale)
             levels = (x * PIXEL_LEVELS).round()
             streams.append(self.pixel_coder.compress(levels, indexes, means=mean)[0])
         return streams, (h, w)
@@ -264,15 +277,21 @@ class QResVAE(Codec):
     def _decompress_padded(
         self, streams: list[bytes], latent_shape: tuple[int, ...], levels: int | None = None
     ) -> Tensor:
+        """Decode a file holding the first k groups (1 <= k <= L, the pixels last for the
+        lossless model) from its first `levels` of them (None: all k)."""
         groups = len(self.group_names)
-        if len(streams) != groups or len(latent_shape) != 2:
+        if not 1 <= len(streams) <= groups or len(latent_shape) != 2:
             raise BitstreamError(
-                f"{self.name} files hold {groups} streams and a 2-integer latent shape, "
-                f"got {len(streams)} streams and {tuple(latent_shape)}"
+                f"{self.name} files hold 1..{groups} streams (the first groups, coarse to fine) "
+                f"and a 2-integer latent shape, got {len(streams)} streams and "
+                f"{tuple(latent_shape)}"
             )
-        k = groups if levels is None else int(levels)
-        if not 0 <= k <= groups:
-            raise LicError(f"{self.name} has {groups} coded groups; levels must be in 0..{groups}")
+        k = len(streams) if levels is None else int(levels)
+        if not 0 <= k <= len(streams):
+            raise LicError(
+                f"this {self.name} file holds {len(streams)} of {groups} coded groups; "
+                f"levels must be in 0..{len(streams)}, got {k}"
+            )
         coder = self.latent_coder
 
         def decode(i, block, feature, pm, scale):
@@ -281,8 +300,9 @@ class QResVAE(Codec):
             return coder.decompress([streams[i]], coder.build_indexes(scale), means=pm)
 
         feature = self.top_down(1, tuple(latent_shape), decode)
-        if self.lossless and k == groups:
-            mean, indexes = self._pixel_coding_params(feature)
+        if self.lossless and k == groups:  # every latent and the pixels: exact
+            mean, scale = self._pixel_coding_params(feature)
+            indexes = self.pixel_coder.build_indexes(scale)
             levels_ = self.pixel_coder.decompress([streams[-1]], indexes, means=mean)
             return levels_ / PIXEL_LEVELS
         return self.pixel_mean(feature)
@@ -331,7 +351,9 @@ class QResVAE(Codec):
         A latent that is None (or beyond `latents`) is drawn from its prior at `temperature`:
         z = pm + t·σ·ε + t·u, u ~ U(-½, ½) (t = 0 gives the prior mean). With `box` (x1, y1, x2,
         y2 in fractions of the image) only that region of every given latent is redrawn
-        (inpainting); latents too coarse to hold the box are kept.
+        (inpainting); latents with a side of 1 are kept whole, as the reference keeps them.
+        Every latent's prior sample is drawn either way, so the random stream does not depend
+        on which latents are given.
         """
         self._check_size(size)
         latents = list(latents or [])
@@ -343,7 +365,7 @@ class QResVAE(Codec):
             given = latents[i] if i < len(latents) else None
             if given is None:
                 return sampled
-            if box is None:
+            if box is None or min(given.shape[-2:]) == 1:  # a 1x1 latent holds no region
                 return given
             rows, cols = box_slices(box, *given.shape[-2:])
             z = given.clone()
@@ -363,3 +385,96 @@ class QResVAE(Codec):
                 f"{self.name} generates and reads latents at sizes that are multiples of "
                 f"{self.stride}, got {tuple(int(s) for s in size)}"
             )
+
+
+# ---- the authors' released weights (lossy-vae, package lvae) ----------------------------------
+# Released files by name: qres34m-lmb{16..2048}.pt, qres17m-lmb{1..64}.pt, qres34m-lossless.pt.
+LVAE_ARCHS = ("qres34m", "qres17m", "qres34m_lossless")
+# Their encoders have 29 (qres34m) and 22 (qres17m) blocks: the file itself says which it holds.
+LVAE_ENCODER_LENGTHS = {29: "qres34m", 22: "qres17m"}
+# The reference's per-block coding tables and its output head's: rebuilt by prepare_for_coding.
+LVAE_DROP = (r"decoder\.dec_blocks\.\d+\.discrete_gaussian\..*", r"out_net\.discrete_gaussian\..*")
+
+
+def lvae_rules(codec: QResVAE) -> list[tuple[str, str]]:
+    """Rename rules from the reference's keys to `codec`'s: block lists, the ConvNeXt MLP, the
+    VDVAE bottlenecks' c1..c4, the latent blocks' front/end, and the output head."""
+    rules = []
+    for i, block in enumerate(codec.encoder):
+        if isinstance(block, ConvNeXtDown):  # one module there: the block and its downsampling
+            rules += [
+                (rf"^encoder\.enc_blocks\.{i}\.downsapmle\.", f"encoder.{i}.down."),
+                (rf"^encoder\.enc_blocks\.{i}\.", f"encoder.{i}.block."),
+            ]
+    if not codec.lossless:  # the reference's last decoder block is the reconstruction head
+        rules.append((rf"^decoder\.dec_blocks\.{len(codec.decoder)}\.", "out_mean."))
+    rules += [
+        (r"^encoder\.enc_blocks\.", "encoder."),
+        (r"^decoder\.dec_blocks\.", "decoder."),
+        (r"^decoder\.bias$", "bias"),
+        (r"^out_net\.conv_mean\.", "out_mean."),
+        (r"^out_net\.conv_scale\.", "out_logscale."),
+        (r"\.mlp\.(fc\d)\.", r".\1."),
+        (r"\.resnet_front\.", ".front."),
+        (r"\.resnet_end\.", ".end."),
+    ]
+    for j in range(4):  # VDVAE bottlenecks: c1..c4 are our convs.0..3
+        rules += [
+            (rf"\.prior\.c{j + 1}\.", f".prior_head.convs.{j}."),
+            (rf"\.posterior\.c{j + 1}\.", f".posterior.convs.{j}."),
+        ]
+    return rules
+
+
+def lvae_state(codec: QResVAE, state: dict) -> dict:
+    """The reference's state dict (or key -> shape list) under `codec`'s names, with `codec`'s
+    own coding tables (the reference builds identical ones per block at coding time)."""
+    renamed = rename_state(state, lvae_rules(codec), drop=LVAE_DROP)
+    codec.prepare_for_coding()
+    own_tables = {
+        k: v
+        for k, v in codec.state_dict().items()
+        if k.startswith(("latent_coder.", "pixel_coder."))
+    }
+    return {**renamed, **own_tables}
+
+
+def describe_lvae_state(state: dict, arch: str | None) -> tuple[str, int | None, bool]:
+    """(arch, N, lossless) of a reference state dict, read off its layers; a given `arch`
+    (qres34m, qres17m, qres34m_lossless) must agree with them."""
+    try:
+        n = int(state["encoder.enc_blocks.0.weight"].shape[0]) // 2
+    except (KeyError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"not a QRes-VAE state dict of lvae (no {err})") from err
+    length = len({k.split(".")[2] for k in state if k.startswith("encoder.enc_blocks.")})
+    found = LVAE_ENCODER_LENGTHS.get(length)
+    if found is None:
+        raise CheckpointError(f"an lvae encoder of {length} blocks is neither qres34m nor qres17m")
+    lossless = "out_net.conv_scale.0.weight" in state
+    name = f"{found}_lossless" if lossless else found
+    if arch is not None and arch != name:
+        raise CheckpointError(f"the file holds a {name} model, not {arch}")
+    return found, (None if n == PAPER_N[found] else n), lossless
+
+
+@register_format(
+    "lvae",
+    published_at=(
+        "the authors' Hugging Face page huggingface.co/duanzh0/my-model-weights, linked from "
+        "github.com/duanzhiihao/lossy-vae (qres34m/qres34m-lmb16.pt ... lmb2048.pt, "
+        "qres17m/qres17m-lmb1.pt ... lmb64.pt, qres34m/qres34m-lossless.pt)"
+    ),
+    help="QRes-VAE's released .pt files (qres34m, qres17m, qres34m_lossless)",
+)
+def import_lvae(request: ImportRequest) -> QResVAE:
+    """A released QRes-VAE file as our `QResVAE`: every weight by renaming, none left over."""
+    if request.arch is not None and request.arch not in LVAE_ARCHS:
+        raise CheckpointError(f"--arch for lvae files is one of {LVAE_ARCHS}, not {request.arch}")
+    loaded = read_torch_file(request.source, "an lvae checkpoint")
+    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{request.source} holds no state dict (lvae saves {{'model': ...}})")
+    arch, n, lossless = describe_lvae_state(state, request.arch)
+    codec = QResVAE(arch, N=n, lossless=lossless)
+    fit_state(codec, lvae_state(codec, state), str(request.source))
+    return codec

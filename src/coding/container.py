@@ -268,3 +268,26 @@ def unpack(data: bytes) -> Container:
             f"has {rows * cols}"
         )
     return container
+
+
+def keep_first_streams(data: bytes, count: int) -> bytes:
+    """A file cut to the first `count` streams of its image (of every tile, for a tiled file).
+
+    For a progressive codec, whose streams are its latent groups coarse to fine, this is the
+    file `compress --levels count` writes: the header stays, the length table and CRC follow."""
+    container = unpack(data)
+    if count < 1:
+        raise BitstreamError(f"a cut file keeps at least one stream, not {count}")
+    if not container.tile:
+        if count > len(container.streams):
+            raise BitstreamError(f"the file holds {len(container.streams)} streams, not {count}")
+        container.streams = container.streams[:count]
+        return pack(container)
+    records = []
+    for record in container.streams:
+        shape, streams = unpack_tile(record)
+        if count > len(streams):
+            raise BitstreamError(f"a tile of the file holds {len(streams)} streams, not {count}")
+        records.append(pack_tile(shape, streams[:count]))
+    container.streams = records
+    return pack(container)

@@ -69,6 +69,8 @@ class CropDataModule(pl.LightningDataModule):
     Args:
         crop: training crop side.
         val_crop: validation crop side.
+        val_crop_multiple: validate on whole images centre-cropped down to multiples of this
+            instead of val_crop squares (None: squares); take val_batch_size=1 for mixed sizes.
         batch_size: training batch per device.
         val_batch_size: validation batch per device.
         num_workers: loader processes.
@@ -91,6 +93,7 @@ class CropDataModule(pl.LightningDataModule):
         self,
         crop: int = 256,
         val_crop: int = 256,
+        val_crop_multiple: int | None = None,
         batch_size: int = 8,
         val_batch_size: int = 8,
         num_workers: int = 0,
@@ -112,10 +115,14 @@ class CropDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"data.small_images={small_images!r}: choose one of {SMALL_IMAGE_POLICIES}"
             )
-        if crop < 1 or val_crop < 1:
-            raise ConfigError(f"data.crop={crop} and data.val_crop={val_crop} must be positive")
+        if crop < 1 or val_crop < 1 or (val_crop_multiple is not None and val_crop_multiple < 1):
+            raise ConfigError(
+                f"data.crop={crop}, data.val_crop={val_crop} and data.val_crop_multiple="
+                f"{val_crop_multiple} must be positive"
+            )
         self.crop = crop
         self.val_crop = val_crop
+        self.val_crop_multiple = val_crop_multiple
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
@@ -182,7 +189,7 @@ class CropDataModule(pl.LightningDataModule):
             indices = [i for i, s in zip(indices, sizes) if s is not None]
         if not indices:
             raise DataError(f"none of the validation images of {self.location} can be read")
-        self.val_set = CenterCropDataset(source, indices, self.val_crop)
+        self.val_set = CenterCropDataset(source, indices, self.val_crop, self.val_crop_multiple)
         self.test_set = FullImageDataset(source, indices)
 
     def _setup_train(self) -> None:

@@ -210,18 +210,35 @@ def center_crop(img: Tensor, crop: int) -> Tensor:
     return img[:, top : top + crop, left : left + crop]
 
 
-class CenterCropDataset(_Subset):
-    """Fixed centre crops (validation: the same pixels every time, batchable)."""
+def center_crop_to_multiple(img: Tensor, multiple: int) -> Tensor:
+    """The centre of an image cut down to sides that are multiples of `multiple` (padded up to
+    one `multiple` first if a side is shorter)."""
+    img = pad_to_at_least(img, multiple)
+    h, w = img.shape[-2:]
+    ch, cw = h // multiple * multiple, w // multiple * multiple
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return img[:, top : top + ch, left : left + cw]
 
-    def __init__(self, source: ImageSource, indices: Sequence[int], crop: int) -> None:
+
+class CenterCropDataset(_Subset):
+    """Fixed centre crops (validation: the same pixels every time): `crop` x `crop` squares,
+    batchable; or, with `multiple`, whole images cut down to multiples of it (QRes-VAE's
+    validation on full Kodak images), batchable only where the sizes agree."""
+
+    def __init__(
+        self, source: ImageSource, indices: Sequence[int], crop: int, multiple: int | None = None
+    ) -> None:
         super().__init__(source, indices)
         self.crop = crop
+        self.multiple = multiple
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> Tensor:
         img = self._load(index)
+        if self.multiple:
+            return center_crop_to_multiple(img, self.multiple).float().div(255)
         return center_crop(img, self.crop).float().div(255)
 
 

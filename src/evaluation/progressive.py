@@ -1,8 +1,9 @@
 """Progressive decoding curves: the rate and quality after each coded group of a progressive codec.
 
-Each image is coded once; for every k the rate is that of the file holding only the first k
-streams (the shared container with its header, length table and CRC), and the quality is measured
-on the image decoded from those k groups (the later latents take their prior means). The decoded
+Each image is coded once; for every k the file is cut to its first k streams (exactly what
+`compress --levels k` writes: the header, length table and CRC of the shared container), its rate
+is that file's size, and the quality is measured on the image decoded from that file alone (the
+later latents take their prior means). The decoded
 images are saved coarse to fine as one PNG strip per image, with the original at the right end.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from rich.table import Table
 from torch import Tensor
 
 from src.codecs.base import Codec
+from src.coding.container import keep_first_streams, unpack
 from src.errors import LicError
 from src.evaluation.baselines import to_pil
 from src.evaluation.evaluate import mean
@@ -47,16 +49,16 @@ def progressive_image(codec: Codec, x: Tensor, name: str) -> tuple[list[Progress
             f"{codec.name} is not a progressive codec; evaluate it with progressive=false"
         )
     h, w = x.shape[-2:]
-    encoded = codec.compress(x)
+    full = codec.compress_to_bytes(x)
     points, images = [], []
-    for k in range(1, len(encoded.streams) + 1):
-        partial = replace(encoded, streams=encoded.streams[:k])
-        x_hat = quantize_8bit(codec.decompress(encoded, levels=k))
+    for k in range(1, len(unpack(full).streams) + 1):
+        data = keep_first_streams(full, k)  # the file `compress --levels k` writes
+        x_hat = quantize_8bit(codec.decompress_bytes(data))
         points.append(
             ProgressivePoint(
                 image=name,
                 levels=k,
-                bpp=8 * len(codec.pack(partial)) / (h * w),
+                bpp=8 * len(data) / (h * w),
                 psnr=float(psnr(x, x_hat)),
                 ms_ssim=float(ms_ssim(x, x_hat)),
             )

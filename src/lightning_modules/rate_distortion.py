@@ -193,24 +193,32 @@ class RateDistortion(pl.LightningModule):
             k = self.hparams.num_logged_images
             log_reconstructions(self.loggers, batch[:k], x_hat[:k], self.global_step)
 
-    def validate_batch(self, batch: Tensor) -> tuple[CodecOutput, Tensor]:
+    def validate_batch(
+        self,
+        batch: Tensor,
+        codec: Codec | None = None,
+        metrics: torch.nn.ModuleDict | None = None,
+    ) -> tuple[CodecOutput, Tensor]:
         """Add one batch to the validation metrics; returns the codec's output and the 8-bit
         reconstruction.
 
-        Recipes that validate a batch several times (QVRF at every rate) call it once per pass.
+        Recipes that validate a batch several times (QVRF at every rate, QRes-VAE's plain and
+        EMA weights) call it once per pass, with another `codec` and `metrics` where they need.
         """
-        out = self.codec(batch)
+        codec = self.codec if codec is None else codec
+        metrics = self.val_metrics if metrics is None else metrics
+        out = codec(batch)
         terms = self.rd_loss(batch, out)
         x_hat = quantize_8bit(out.x_hat)
         n = batch.shape[0]
         pixels = batch.shape[-2] * batch.shape[-1]
-        self.val_metrics["loss"].update(terms.loss, weight=n)
-        self.val_metrics["mse"].update(terms.mse, weight=n)
-        self.val_metrics["bpp"].update(out.total_bits() / pixels)
-        self.val_metrics["psnr"].update(psnr(batch, x_hat))
+        metrics["loss"].update(terms.loss, weight=n)
+        metrics["mse"].update(terms.mse, weight=n)
+        metrics["bpp"].update(out.total_bits() / pixels)
+        metrics["psnr"].update(psnr(batch, x_hat))
         scores = ms_ssim(batch, x_hat)
         if not torch.isnan(scores).any():
-            self.val_metrics["ms_ssim"].update(scores)
+            metrics["ms_ssim"].update(scores)
         return out, x_hat
 
     def on_validation_epoch_end(self) -> None:

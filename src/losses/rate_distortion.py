@@ -34,6 +34,17 @@ def lmbda_for(metric: str, quality: int) -> float:
     return ladder[int(quality) - 1]
 
 
+def ms_ssim_distortion(x: Tensor, x_hat: Tensor) -> Tensor:
+    """1 − MS-SSIM of a batch (images in [0, 1], computed in fp32), refusing crops too small
+    for its five scales with the setting to change."""
+    if min(x.shape[-2:]) < MS_SSIM_MIN_SIDE:
+        raise ConfigError(
+            f"model.metric=ms-ssim needs crops of at least {MS_SSIM_MIN_SIDE} px, "
+            f"got {tuple(x.shape[-2:])}: raise data.crop"
+        )
+    return 1 - ms_ssim(x.float(), x_hat.float(), data_range=1.0)
+
+
 @dataclass
 class RDTerms:
     """The parts of the loss, each a scalar averaged over the batch."""
@@ -59,13 +70,5 @@ class RateDistortionLoss:
         num_pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
         bpp = out.total_bits().sum() / num_pixels
         mse = (x - out.x_hat).pow(2).mean()
-        if self.metric == "mse":
-            distortion = 255**2 * mse
-        else:
-            if min(x.shape[-2:]) < MS_SSIM_MIN_SIDE:
-                raise ConfigError(
-                    f"model.metric=ms-ssim needs crops of at least {MS_SSIM_MIN_SIDE} px, "
-                    f"got {tuple(x.shape[-2:])}: raise data.crop"
-                )
-            distortion = 1 - ms_ssim(x, out.x_hat, data_range=1.0)
+        distortion = 255**2 * mse if self.metric == "mse" else ms_ssim_distortion(x, out.x_hat)
         return RDTerms(loss=bpp + self.lmbda * distortion, bpp=bpp, distortion=distortion, mse=mse)
