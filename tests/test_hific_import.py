@@ -22,7 +22,7 @@ from src.codecs.hific import (
 )
 from src.codecs.importing import fit_problems, import_weights, rename_state
 from src.codecs.loading import load_codec
-from src.errors import CheckpointError, LicError
+from src.errors import CheckpointError
 from tests.helpers import fixture_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,8 +141,13 @@ def test_cli_imports_a_port_file(tmp_path, capsys):
     assert "hific" in capsys.readouterr().out and out.is_file()
 
 
-def test_reflection_padding_refuses_images_too_small_for_it():
-    codec = HificCodec(N=4, M=8, hyper_channels=8, n_residual_blocks=1, hyper_padding="reflect")
-    with pytest.raises(LicError, match="above 64 px"):
-        codec(torch.rand(1, 3, 64, 96))
-    assert codec(torch.rand(1, 3, 80, 80)).x_hat.shape == (1, 3, 80, 80)
+@pytest.mark.parametrize("hyper_padding", ["zeros", "reflect"])
+def test_images_too_small_for_reflection_are_padded_up(hyper_padding):
+    """The encoder's reflections need 32 px, the port's hyper-analysis 80: smaller images (a
+    narrow last tile) are padded up to that and still code."""
+    codec = HificCodec(N=4, M=8, hyper_channels=8, n_residual_blocks=1, hyper_padding=hyper_padding)
+    codec.eval().prepare_for_coding()
+    for size in ((64, 96), (2, 17), (80, 80)):
+        x = torch.rand(1, 3, *size)
+        assert codec(x).x_hat.shape == x.shape
+        assert codec.decompress_bytes(codec.compress_to_bytes(x)).shape == x.shape

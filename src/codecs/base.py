@@ -69,15 +69,23 @@ class Encoded:
         return sum(len(s) for s in self.streams)
 
 
-def pad_to_multiple(x: Tensor, stride: int) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """Pad (B, C, H, W) on the right and bottom to multiples of `stride` by edge replication.
+def padded_size(size: tuple[int, int], stride: int, min_side: int = 0) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of `stride`, and to at least `min_side` (a multiple of it)."""
+    return tuple(max(-(-s // stride) * stride, min_side) for s in size)  # type: ignore[return-value]
+
+
+def pad_to_multiple(
+    x: Tensor, stride: int, min_side: int = 0
+) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """Pad (B, C, H, W) on the right and bottom to multiples of `stride` (and to at least
+    `min_side`, for networks whose reflection padding needs a few rows) by edge replication.
 
     Returns the padded tensor and the (left, right, top, bottom) padding that was applied.
     Replication keeps the padded border cheap to code; the cropped output never sees it.
     """
     h, w = x.shape[-2:]
-    pad_h = (-h) % stride
-    pad_w = (-w) % stride
+    target_h, target_w = padded_size((h, w), stride, min_side)
+    pad_h, pad_w = target_h - h, target_w - w
     padding = (0, pad_w, 0, pad_h)
     if pad_h == 0 and pad_w == 0:
         return x, padding
@@ -141,6 +149,9 @@ class Codec(nn.Module):
     num_rates: int = 1
     progressive: bool = False
     num_streams: int = 1
+    # Images smaller than this (a multiple of `stride`) are padded up to it: reflection padding
+    # deep inside some networks (HiFIC's) needs a few rows at the coarsest scale.
+    min_side: int = 0
     # Orders this codec can code its latent in (context models: raster or wavefront) and the one
     # `compress` uses; the order travels in the file, so `decompress` needs no flag.
     coding_orders: tuple[str, ...] = ("raster",)
@@ -165,7 +176,7 @@ class Codec(nn.Module):
     def forward(self, x: Tensor) -> CodecOutput:
         """Reconstruct `x` (B, 3, H, W) in [0, 1] and count its bits per image."""
         size = tuple(x.shape[-2:])
-        x_padded, _ = pad_to_multiple(x, self.stride)
+        x_padded, _ = pad_to_multiple(x, self.stride, self.min_side)
         out = self._forward_padded(x_padded)
         out.x_hat = crop_to(out.x_hat, size)
         return out
@@ -180,7 +191,7 @@ class Codec(nn.Module):
         if x.shape[0] != 1:
             raise ValueError(f"compress takes one image at a time, got a batch of {x.shape[0]}")
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        x_padded, _ = pad_to_multiple(x, self.stride)
+        x_padded, _ = pad_to_multiple(x, self.stride, self.min_side)
         streams, latent_shape = self._compress_padded(x_padded)
         return Encoded(streams, tuple(latent_shape), size, self.current_rate(), self.coding_order)
 
@@ -188,8 +199,8 @@ class Codec(nn.Module):
     def expected_latent_shape(self, image_size: tuple[int, int]) -> tuple[int, ...]:
         """The latent shape this codec writes for an image of `image_size` (H, W): the padded
         size over the stride (families whose header shape differs override this)."""
-        h, w = image_size
-        return (-(-h // self.stride), -(-w // self.stride))
+        h, w = padded_size(image_size, self.stride, self.min_side)
+        return (h // self.stride, w // self.stride)
 
     def stream_counts(self) -> range:
         """How many streams a file may hold: `num_streams`, or 1..num_streams if progressive."""

@@ -39,7 +39,7 @@ from src.codecs.importing import (
     register_format,
     rename_state,
 )
-from src.errors import CheckpointError, ConfigError, LicError
+from src.errors import CheckpointError, ConfigError
 
 # The port's Gaussian coding tables: 64 log-spaced scales in [0.11, 256] (also CompressAI's).
 SCALE_MIN, SCALE_MAX, NUM_SCALES = 0.11, 256.0, 64
@@ -275,6 +275,9 @@ class HificCodec(Codec):
             likelihood=likelihood,
         )
         self.hyper_padding = hyper_padding
+        # The encoder's last 3×3 reflection needs 2 rows at 1/16, the port's reflecting
+        # hyper-analysis 5 rows of y: smaller images are padded up to that.
+        self.min_side = 5 * self.stride if hyper_padding == "reflect" else 2 * self.stride
         self.signed_io = signed_io
         self.latent_channels = M
         self.n_residual_blocks = n_residual_blocks
@@ -312,12 +315,7 @@ class HificCodec(Codec):
         return (torch.tanh(out) + 1) / 2 if self.signed_io else out
 
     def hyper_latent(self, y: Tensor) -> Tensor:
-        """z from y, or a `LicError` where reflection padding cannot work on so small a y."""
-        if self.hyper_padding == "reflect" and min(y.shape[-2:]) < 5:
-            raise LicError(
-                f"{self.name} with hyper_padding=reflect needs images above 64 px a side "
-                f"(latent {tuple(y.shape[-2:])}); use hyper_padding=zeros for smaller ones"
-            )
+        """z from y (at least 5 × 5 under reflect padding: `min_side`)."""
         return self.hyper_analysis(y)
 
     def hyper_parameters(self, z_hat: Tensor, latent_size: Sequence[int]) -> tuple[Tensor, Tensor]:

@@ -149,7 +149,9 @@ class RecCodec(Codec):
     @torch.no_grad()
     def coding_report(self, x: Tensor, encoded: Encoded) -> dict[str, float]:
         """KL of the coded samples, REC bits, their overhead over the KL, whole-file bits."""
-        x_padded, _ = pad_to_multiple(x if x.dim() == 4 else x.unsqueeze(0), self.stride)
+        x_padded, _ = pad_to_multiple(
+            x if x.dim() == 4 else x.unsqueeze(0), self.stride, self.min_side
+        )
         out, kls = self._decode_latents(encoded.streams, encoded.latent_shape, x_padded)
         kl_bits = float(sum(k.sum() for k in kls)) / LN2
         rec_bits = 8 * sum(len(s) for s in encoded.streams[: 1 + self.num_groups])

@@ -30,7 +30,7 @@ from compressai.layers import GDN
 from compressai.ops import LowerBound
 from torch import Tensor, nn
 
-from src.codecs.base import Codec, CodecOutput, Encoded
+from src.codecs.base import Codec, CodecOutput, Encoded, padded_size
 from src.codecs.importing import (
     ImportRequest,
     fit_state,
@@ -439,7 +439,7 @@ class McQuic(Codec):
         """The coarsest level's shape: the padded image over that level's downsampling (half
         the stride under reflect padding)."""
         coarsest = 2 ** (3 + self.levels)
-        return tuple(-(-s // self.stride) * self.stride // coarsest for s in image_size)
+        return tuple(s // coarsest for s in padded_size(image_size, self.stride, self.min_side))
 
     def decode_codes(self, streams: list[bytes], latent_shape: tuple[int, ...]) -> list[Tensor]:
         """The codes (1, m, h_l, w_l) of every level, finest first, from the coded streams."""
