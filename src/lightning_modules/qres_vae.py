@@ -23,6 +23,7 @@ from torch import Tensor
 
 from src.codecs.base import Codec, CodecOutput
 from src.errors import ConfigError, LicError
+from src.lightning_modules.ema import ema_update
 from src.lightning_modules.rate_distortion import (
     OptimizerFactory,
     RateDistortion,
@@ -164,10 +165,7 @@ class QResVAETraining(RateDistortion):
     @torch.no_grad()
     def update_ema(self, step: int) -> None:
         """Move the EMA weights towards the online weights (the codec has no running buffers)."""
-        decay = self.ema_decay_at(step)
-        ema = [p for p in self.codec.parameters()]
-        online = [p.detach() for p in self.online.parameters()]
-        torch._foreach_lerp_(ema, online, 1 - decay)
+        ema_update(self.codec, self.online, self.ema_decay_at(step))
 
     def is_spike(self, norm: float) -> bool:
         """Whether a gradient norm is not finite or far above the recent median."""

@@ -125,6 +125,13 @@ class RateDistortion(pl.LightningModule):
         its own optimiser, such as HiFIC's discriminator, leaves that part out)."""
         return list(self.parameters())
 
+    def trained_codec(self) -> Codec:
+        """The codec the optimiser trains (a recipe with EMA weights trains another copy)."""
+        return self.codec
+
+    def after_main_step(self) -> None:
+        """Called after every step of the main optimiser (an EMA update, for instance)."""
+
     def setup(self, stage: str) -> None:
         # Parameters that only the auxiliary loss trains never see the distributed backward;
         # keep DDP from waiting for their gradients (they get identical updates on every rank).
@@ -137,13 +144,14 @@ class RateDistortion(pl.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         main_opt = optimizers[0]
 
-        out = self.codec(batch)
+        out = self.trained_codec()(batch)
         terms = self.rd_loss(batch, out)
         main_opt.zero_grad()
         self.manual_backward(terms.loss)
         if self.hparams.clip_max_norm > 0:
             self.clip_gradients(main_opt, self.hparams.clip_max_norm, "norm")
         main_opt.step()
+        self.after_main_step()
 
         aux_loss = None
         if len(optimizers) > 1:
@@ -193,7 +201,7 @@ class RateDistortion(pl.LightningModule):
 
         Recipes that validate a batch several times (QVRF at every rate) call it once per pass.
         """
-        out = self.codec(batch)
+        out = self.validation_forward(batch)
         terms = self.rd_loss(batch, out)
         x_hat = quantize_8bit(out.x_hat)
         n = batch.shape[0]
@@ -206,6 +214,10 @@ class RateDistortion(pl.LightningModule):
         if not torch.isnan(scores).any():
             self.val_metrics["ms_ssim"].update(scores)
         return out, x_hat
+
+    def validation_forward(self, batch: Tensor) -> CodecOutput:
+        """The pass validation measures (the codec in eval mode here)."""
+        return self.codec(batch)
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_metrics.items():
