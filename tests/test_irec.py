@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import hydra
 import numpy as np
@@ -27,7 +28,7 @@ from src.datamodules.images import decode_rgb
 from src.errors import ConfigError, LicError
 from src.lightning_modules.vae import ElboLoss
 from src.training import train
-from tests.helpers import fixture_path
+from tests.helpers import fixture_path, run_script
 
 LN2 = math.log(2)
 
@@ -308,6 +309,97 @@ def test_training_steps_are_finite(compose_train, overrides):
     metrics = train(cfg)
     assert metrics["val/bpp"] > 0
     assert all(math.isfinite(v) for k, v in metrics.items() if k != "val/psnr")
+
+
+TINY_LOSSLESS = [
+    "model=irec_lossless",
+    "model.codec.N=8",
+    "model.codec.z_channels=4",
+    "model.codec.num_blocks=2",
+]
+
+
+def test_lossless_validates_the_sampled_elbo_and_codes_with_the_ema(compose_train):
+    """val/loss (what best.ckpt watches) is the sampled ELBO, val/bits_per_dim = val/bpp / 3,
+    the posterior mean's figure beside it; the checkpoint's codec is the EMA, not the trained
+    copy."""
+    cfg = compose_train(*TINY_VAE, *TINY_LOSSLESS, "model.ema_decay=0.5", tiny=False)
+    metrics = train(cfg)
+    assert metrics["val/loss"] == pytest.approx(metrics["val/bpp"], rel=1e-5)
+    assert metrics["val/bits_per_dim"] == pytest.approx(metrics["val/bpp"] / 3, rel=1e-5)
+    assert metrics["val/bpp_mean"] > 0 and metrics["val/bpp_mean"] != metrics["val/bpp"]
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)[
+        "state_dict"
+    ]
+    ema, online = state["codec.log_scale"], state["online.log_scale"]
+    assert not torch.equal(ema, online) and float(ema.abs()) < float(online.abs())
+
+
+@pytest.mark.slow
+def test_lossless_trains_under_ddp_on_two_processes(tmp_path, sample_root):
+    """Every parameter receives a gradient, so DDP (which refuses unused ones) runs; the EMA's
+    copy is frozen and left out."""
+    proc = run_script(
+        "train.py",
+        [
+            f"paths.log_dir={tmp_path}/logs",
+            f"data.root={sample_root}",
+            *TINY_VAE,
+            *TINY_LOSSLESS,
+            "data.crop=32",
+            "trainer=ddp_cpu",
+            "trainer.max_steps=3",
+            "model.ema_decay=0.999",
+        ],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (ckpt,) = (tmp_path / "logs").rglob("last.ckpt")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize(
+    "preset, steps, coding",
+    [
+        ("irec_lossy_paper", 200000, {"n_beams": 10, "extra_samples": 1.0}),
+        ("irec_lossless_paper", 500000, {"n_beams": 20, "extra_samples": 1.2}),
+    ],
+)
+def test_paper_presets_are_the_references_recipes(compose_train, preset, steps, coding):
+    cfg = compose_train(f"experiment={preset}", tiny=False)
+    assert cfg.trainer.max_steps == steps and cfg.data.batch_size == 8
+    assert {k: cfg.model.codec.coding[k] for k in coding} == coding
+    module = hydra.utils.instantiate(cfg.model)
+    assert module.codec.rec_options.n_beams == coding["n_beams"]
+    optimizer = module.optimizer_factory(module.main_parameters())
+    if preset == "irec_lossy_paper":
+        assert cfg.data.path.endswith("clic") and cfg.model.scheduler is None
+        assert cfg.model.ema_decay == 0.0
+    else:
+        assert cfg.data.path.endswith("cifar10") and cfg.model.ema_decay == 0.999
+        scheduler = module.scheduler_factory(optimizer)
+        rates = []
+        for step in range(250001):
+            if step in (0, 49999, 50000, 199999, 200000, 250000):
+                rates.append(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+        assert rates == pytest.approx([1e-3, 1e-3, 3e-4, 2.7e-5, 8.1e-6, 8.1e-6])
+
+
+def test_reference_ms_ssim_distortion_is_255_times_one_minus_unweighted_ms_ssim():
+    x = torch.rand(1, 3, 176, 176)
+    x_hat = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    out = CodecOutput(x_hat, {"y": torch.zeros(1)}, {})
+    reference = ElboLoss(beta=1.0, metric="ms-ssim")(x, out)
+    framework = ElboLoss(beta=1.0, metric="ms-ssim", ms_ssim_convention="compressai")(x, out)
+    from pytorch_msssim import ms_ssim
+
+    unweighted = ms_ssim(x, x_hat, data_range=1.0, weights=[1.0] * 5)
+    assert float(reference.distortion) == pytest.approx(255 * (1 - float(unweighted)))
+    assert float(framework.distortion) == pytest.approx(
+        1 - float(ms_ssim(x, x_hat, data_range=1.0))
+    )
+    with pytest.raises(ConfigError, match="ms_ssim_convention"):
+        ElboLoss(beta=1.0, ms_ssim_convention="tf")
 
 
 def test_lmbda_is_an_alias_of_beta(compose_train):
