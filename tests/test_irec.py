@@ -173,7 +173,7 @@ def test_lossy_codec_decodes_what_the_encoder_reconstructed(lossy, photo):
     report = lossy.coding_report(x, encoded)
     assert report["real_bits"] == 8 * len(data)
     assert report["rec_bits"] >= report["kl_bits"] > 0
-    assert set(report) >= {"kl_bits", "rec_bits", "real_bits", "rec_overhead_percent"}
+    assert set(report) >= {"kl_bits", "rec_bits", "real_bits", "rec_overhead_percent", "psnr_mean"}
     # one stream: the container's header and one length, then 9 bytes of settings and check
     assert report["framing_bits"] == 8 * (len(data) - len(encoded.streams[0]) + 9)
     assert report["bpp_unframed"] == pytest.approx((8 * len(data) - report["framing_bits"]) / 64**2)
@@ -219,6 +219,7 @@ def test_lossless_round_trip_is_exact_and_reports_bits_per_dim(photo):
     assert report["bits_per_dim"] == pytest.approx(8 * len(data) / x[0].numel())
     unframed = (8 * len(data) - report["framing_bits"]) / x[0].numel()
     assert report["bits_per_dim_unframed"] == pytest.approx(unframed)
+    assert report["elbo_bits_per_dim"] > 0
     # the pixel stream costs the ideal -log2 p(x | z) within the table quantisation (< 3 %)
     assert 0.995 * report["nll_bits"] < report["residual_bits"] < 1.03 * report["nll_bits"] + 64
 
@@ -349,6 +350,7 @@ def test_lossless_trains_under_ddp_on_two_processes(tmp_path, sample_root):
             "data.crop=32",
             "trainer=ddp_cpu",
             "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
             "model.ema_decay=0.999",
         ],
     )

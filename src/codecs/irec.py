@@ -97,7 +97,10 @@ class RecCodec(Codec):
             raise LicError(f"bad coding option for {self.name}: {err}") from err
 
     # ---- the three passes ------------------------------------------------------------------------
-    def _walk(self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick) -> Tensor:
+    def _walk(
+        self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick, output: bool = True
+    ) -> Tensor:
+        """With `output` False the walk may stop after the last latent group (and return it)."""
         raise NotImplementedError
 
     def _latent_shape(self, x: Tensor) -> tuple[int, ...]:
@@ -132,7 +135,9 @@ class RecCodec(Codec):
         """Each group's per-channel KL for free bits, which apply in training only."""
         return {"kl_nats_per_channel": _per_channel(kls)} if self.training else {}
 
-    def _encode_latents(self, x: Tensor) -> tuple[RelativeEntropyCoder, list[RecCode], int, Tensor]:
+    def _encode_latents(
+        self, x: Tensor, output: bool = True
+    ) -> tuple[RelativeEntropyCoder, list[RecCode], int, Tensor]:
         """REC-code every latent group of one image; returns the coder, the codes, the running
         CRC32 of the coded samples and `_walk`'s output."""
         coder = RelativeEntropyCoder(self.rec_options)
@@ -147,7 +152,7 @@ class RecCodec(Codec):
             check = sample_check(z, check)
             return z.to(p[0].device)
 
-        out = self._walk(x, self._latent_shape(x), pick)
+        out = self._walk(x, self._latent_shape(x), pick, output)
         return coder, codes, check, out
 
     def _read_stream(
@@ -298,7 +303,9 @@ class IrecLossy(RecCodec):
         h, w = latent_shape
         return [self.z_p_loc.out_channels * h * w, self.y_p_loc.out_channels * 16 * h * w]
 
-    def _walk(self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick) -> Tensor:
+    def _walk(
+        self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick, output: bool = True
+    ) -> Tensor:
         self._check_shape(latent_shape)
         h, w = latent_shape
         q_z = inf = None
@@ -323,7 +330,7 @@ class IrecLossy(RecCodec):
                 loc_in = scale_in = F.elu(torch.cat([inf[0], inf[1], p_y[0], p_y[1]], dim=1))
             q_y = (self.y_q_loc(loc_in), F.softplus(self.y_q_scale(scale_in)) + 1e-7)
         y = pick(1, q_y, p_y)
-        return self.synthesis(y)
+        return self.synthesis(y) if output else y
 
     def _forward_padded(self, x: Tensor) -> CodecOutput:
         kls: list[Tensor] = []
@@ -333,8 +340,17 @@ class IrecLossy(RecCodec):
         return CodecOutput(x_hat, bits, self._kl_extras(kls))
 
     def _compress_padded(self, x: Tensor) -> tuple[list[bytes], tuple[int, ...]]:
-        coder, codes, check, _ = self._encode_latents(x)
+        coder, codes, check, _ = self._encode_latents(x, output=False)  # no synthesis needed
         return [pack_stream(coder, codes, check)], self._latent_shape(x)
+
+    def _extra_report(
+        self, x: Tensor, out: Tensor, encoded: Encoded, rest: bytes, framing: int
+    ) -> dict[str, float]:
+        """The posterior mean's PSNR beside the coded sample's (evaluate.py's psnr)."""
+        h, w = encoded.image_size
+        x_hat = torch.round(self(x).x_hat.clamp(0, 1) * 255) / 255
+        mse = float((x_hat - x)[..., :h, :w].pow(2).mean())
+        return {"psnr_mean": 10 * math.log10(1 / mse) if mse > 0 else math.inf}
 
     def _decompress_padded(self, streams: list[bytes], latent_shape: tuple[int, ...]) -> Tensor:
         coder, codes, check, rest = self._read_stream(streams, latent_shape)
@@ -438,8 +454,10 @@ class IrecLossless(RecCodec):
         h, w = latent_shape
         return [self.blocks[0].p_loc.out_channels * h * w] * self.num_groups
 
-    def _walk(self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick) -> Tensor:
-        """The mean of the pixel likelihood in [-0.5, 0.5] units."""
+    def _walk(
+        self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick, output: bool = True
+    ) -> Tensor:
+        """The mean of the pixel likelihood in [-0.5, 0.5] units (always: the pixels need it)."""
         self._check_shape(latent_shape)
         q_inf: list[Gaussian | None] = [None] * len(self.blocks)
         if x is not None:
@@ -517,11 +535,13 @@ class IrecLossless(RecCodec):
         dims = 3 * encoded.image_size[0] * encoded.image_size[1]
         real_bits = 8 * len(self.pack(encoded))
         nll_bits = float(-self._log_likelihood(x, out).sum()) / LN2
+        elbo_bits = float(self.forward_sampled(x).total_bits().sum())
         return {
             "nll_bits": nll_bits,
             "residual_bits": float(8 * len(rest)),
             "bits_per_dim": real_bits / dims,
             "bits_per_dim_unframed": (real_bits - framing) / dims,
+            "elbo_bits_per_dim": elbo_bits / dims,
         }
 
 

@@ -192,6 +192,11 @@ def _normals32() -> Tensor:
     return _normals().float()
 
 
+def prepare_tables() -> None:
+    """Build the shared tables now (otherwise a process's first encode or decode does)."""
+    _normals32()
+
+
 def _windows(table: Tensor, offsets: Tensor, length: int) -> Tensor:
     """table[o : o + length] for every offset: (*offsets.shape, length)."""
     return table.unfold(0, length, 1)[offsets]
