@@ -519,6 +519,8 @@ def unpack_stream(
     tops, used = unpack_digits(data[pos:], len(group_dims), top)
     pos += used
     blocks = [coder.num_blocks(d) for d in group_dims]
+    if sum(blocks) > 8 * len(data):  # every block holds an index of at least a bit
+        raise BitstreamError("truncated REC stream: more blocks than bytes")
     bases = [t + 1 for t, n in zip(tops, blocks) for _ in range(n)]
     counts, used = unpack_digits(data[pos:], len(bases), bases)
     pos += used
