@@ -46,7 +46,6 @@ def compose_config(
     base = [
         f"paths.log_dir={out_dir}/logs",
         f"paths.data_dir={out_dir}/data",
-        *([f"data.root={sample_root}"] if sample_data else []),
         f"hydra.run.dir={out_dir}/run",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -58,6 +57,10 @@ def compose_config(
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir / "run")
+        # The sample photos, for data presets that read a folder (an LMDB preset has no root).
+        given = any(o.startswith("data.root=") for o in overrides)
+        if sample_data and "root" in cfg.data and not given:
+            cfg.data.root = str(sample_root)
     GlobalHydra.instance().clear()
     return cfg
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import struct
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +30,16 @@ from torch import Tensor, nn
 from src.codecs.base import Codec, CodecOutput, Encoded, pad_to_multiple
 from src.coding.categorical import CategoricalCoder
 from src.coding.container import BitstreamError
-from src.coding.rec import RecCode, RecOptions, RelativeEntropyCoder
-from src.errors import LicError
+from src.coding.rec import (
+    RecCode,
+    RecOptions,
+    RelativeEntropyCoder,
+    pack_stream,
+    sample_check,
+    stream_header_bytes,
+    unpack_stream,
+)
+from src.errors import ConfigError, LicError
 
 Gaussian = tuple[Tensor, Tensor]  # mean, standard deviation
 # pick(group, posterior or None, prior) -> the latent sample the rest of the model sees
@@ -59,14 +66,21 @@ class RecCodec(Codec):
 
     Subclasses implement `_walk(x, latent_shape, pick)`: run the model from the top latent group
     to the output, asking `pick` for each group's sample. `x` is None when decoding (there is no
-    posterior then). The streams are the REC header, then one stream per group.
+    posterior then). `_group_dims(latent_shape)` gives each group's size, so the decoder can read
+    every group's code from the one stream (`src.coding.rec.pack_stream`) before walking.
+
+    Args:
+        coding: the preset's default coding options (`set_coding_options` keys); the decoder
+            needs none of them.
     """
 
     num_groups: int = 1
 
-    def __init__(self) -> None:
+    def __init__(self, coding: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.rec_options = RecOptions()
+        self._sample_in_eval = False
+        self.set_coding_options(**dict(coding or {}))
 
     @property
     def num_streams(self) -> int:
@@ -88,58 +102,94 @@ class RecCodec(Codec):
             raise LicError(f"bad coding option for {self.name}: {err}") from err
 
     # ---- the three passes ------------------------------------------------------------------------
-    def _walk(self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick) -> Tensor:
+    def _walk(
+        self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick, output: bool = True
+    ) -> Tensor:
+        """With `output` False the walk may stop after the last latent group (and return it)."""
         raise NotImplementedError
 
     def _latent_shape(self, x: Tensor) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def _group_dims(self, latent_shape: tuple[int, ...]) -> list[int]:
+        raise NotImplementedError
+
+    def forward_sampled(self, x: Tensor) -> CodecOutput:
+        """The forward pass with posterior samples in eval mode too: the figures of what REC
+        codes (a posterior sample), which the paper reports, instead of the posterior mean."""
+        self._sample_in_eval = True
+        try:
+            return self(x)
+        finally:
+            self._sample_in_eval = False
+
     def _training_pick(self, kls: list[Tensor]) -> Pick:
-        """A posterior sample in training, the posterior mean in eval; records each group's KL."""
+        """A posterior sample in training (and in `forward_sampled`), the posterior mean in
+        eval; records each group's KL."""
 
         def pick(group: int, q: Gaussian | None, p: Gaussian) -> Tensor:
             assert q is not None
             kls.append(gaussian_kl(q, p))
-            if self.training:
+            if self.training or self._sample_in_eval:
                 return q[0] + q[1] * torch.randn_like(q[0])
             return q[0]
 
         return pick
 
-    def _encode_latents(self, x: Tensor) -> tuple[list[bytes], tuple[int, ...], Tensor]:
-        """REC-code every latent group of one image; returns streams, shape and `_walk`'s output."""
+    def _kl_extras(self, kls: list[Tensor]) -> dict[str, Any]:
+        """Each group's per-channel KL for free bits, which apply in training only."""
+        return {"kl_nats_per_channel": _per_channel(kls)} if self.training else {}
+
+    def _encode_latents(
+        self, x: Tensor, output: bool = True
+    ) -> tuple[RelativeEntropyCoder, list[RecCode], int, Tensor]:
+        """REC-code every latent group of one image; returns the coder, the codes, the running
+        CRC32 of the coded samples and `_walk`'s output."""
         coder = RelativeEntropyCoder(self.rec_options)
-        streams = [coder.header()]
+        codes: list[RecCode] = []
+        check = 0
 
         def pick(group: int, q: Gaussian | None, p: Gaussian) -> Tensor:
+            nonlocal check
             assert q is not None
             z, code = coder.encode(*_cpu(q), *_cpu(p), key=group)
-            streams.append(coder.pack(code))
+            codes.append(code)
+            check = sample_check(z, check)
             return z.to(p[0].device)
 
-        shape = self._latent_shape(x)
-        out = self._walk(x, shape, pick)
-        return streams, shape, out
+        out = self._walk(x, self._latent_shape(x), pick, output)
+        return coder, codes, check, out
+
+    def _read_stream(
+        self, streams: list[bytes], latent_shape: tuple[int, ...]
+    ) -> tuple[RelativeEntropyCoder, list[RecCode], int, bytes]:
+        """The one stream's coder, codes, check and the bytes after the REC part."""
+        self._check_shape(latent_shape)
+        if len(streams) != 1:
+            raise BitstreamError(f"{self.name} needs 1 stream, got {len(streams)}")
+        return unpack_stream(streams[0], self._group_dims(latent_shape))
 
     def _decode_latents(
-        self, streams: list[bytes], latent_shape: tuple[int, ...], x: Tensor | None = None
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Regenerate every latent group from the streams; with `x`, also each group's KL."""
-        if len(streams) < 1 + self.num_groups:
-            raise BitstreamError(
-                f"{self.name} needs {1 + self.num_groups} streams, got {len(streams)}"
-            )
-        coder = RelativeEntropyCoder.from_header(streams[0])
+        self,
+        coder: RelativeEntropyCoder,
+        codes: list[RecCode],
+        latent_shape: tuple[int, ...],
+        x: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor], int]:
+        """Regenerate every latent group; returns `_walk`'s output, each group's KL (with `x`)
+        and the running CRC32 of the samples."""
         kls: list[Tensor] = []
+        check = 0
 
         def pick(group: int, q: Gaussian | None, p: Gaussian) -> Tensor:
-            code: RecCode = coder.unpack(streams[1 + group], p[0].numel())
-            z = coder.decode(*_cpu(p), code, key=group).to(p[0].device)
+            nonlocal check
+            z = coder.decode(*_cpu(p), codes[group], key=group)
+            check = sample_check(z, check)
             if q is not None:
                 kls.append(gaussian_kl(q, p))
-            return z
+            return z.to(p[0].device)
 
-        return self._walk(x, latent_shape, pick), kls
+        return self._walk(x, latent_shape, pick), kls, check
 
     def _check_shape(self, latent_shape: tuple[int, ...]) -> None:
         if len(latent_shape) != 2 or min(latent_shape) < 1:
@@ -148,24 +198,40 @@ class RecCodec(Codec):
     # ---- reporting -----------------------------------------------------------------------------
     @torch.no_grad()
     def coding_report(self, x: Tensor, encoded: Encoded) -> dict[str, float]:
-        """KL of the coded samples, REC bits, their overhead over the KL, whole-file bits."""
+        """KL of the coded samples, REC bits, their overhead over the KL, whole-file bits and
+        bits per pixel with and without framing (container, settings, check)."""
         x_padded, _ = pad_to_multiple(
             x if x.dim() == 4 else x.unsqueeze(0), self.stride, self.min_side
         )
-        out, kls = self._decode_latents(encoded.streams, encoded.latent_shape, x_padded)
+        coder, codes, _, rest = self._read_stream(encoded.streams, encoded.latent_shape)
+        out, kls, _ = self._decode_latents(coder, codes, encoded.latent_shape, x_padded)
         kl_bits = float(sum(k.sum() for k in kls)) / LN2
-        rec_bits = 8 * sum(len(s) for s in encoded.streams[: 1 + self.num_groups])
+        stream = encoded.streams[0]
+        rec_bits = 8 * (len(stream) - len(rest))
+        framing = 8 * (len(self.pack(encoded)) - len(stream) + stream_header_bytes(stream))
+        pixels = encoded.image_size[0] * encoded.image_size[1]
+        real_bits = 8 * len(self.pack(encoded))
         report = {
             "kl_bits": kl_bits,
             "rec_bits": float(rec_bits),
-            "real_bits": float(8 * len(self.pack(encoded))),
+            "real_bits": float(real_bits),
+            "framing_bits": float(framing),
+            "bpp_unframed": (real_bits - framing) / pixels,
             "rec_overhead_percent": 100 * (rec_bits / kl_bits - 1) if kl_bits > 0 else math.nan,
         }
-        report.update(self._extra_report(x_padded, out, encoded))
+        report.update(self._extra_report(x_padded, out, encoded, rest, framing))
         return report
 
-    def _extra_report(self, x: Tensor, out: Tensor, encoded: Encoded) -> dict[str, float]:
+    def _extra_report(
+        self, x: Tensor, out: Tensor, encoded: Encoded, rest: bytes, framing: int
+    ) -> dict[str, float]:
         return {}
+
+
+MISMATCH = (
+    "decoded {what} does not match the coded one (corrupt file, wrong seed, other weights, or a "
+    "prior that differs between the two machines)"
+)
 
 
 def _cpu(g: Gaussian) -> Gaussian:
@@ -179,15 +245,29 @@ class IrecLossy(RecCodec):
     Args:
         N: channels of the transforms and of y (196 in the paper).
         M: channels of the hyper transforms and of z (128).
+        combiner: how the level-1 posterior joins the inference and prior statistics:
+            "pairs" (the reference: loc from [inference loc, prior loc], log-scale from
+            [inference log-scale, prior log-scale], each ELU then a 1x1 conv from 2N) or
+            "joint" (both heads see all four, 4N inputs; +2N² weights).
+        coding: the default coding options (see `RecCodec`).
     """
 
     name = "irec-lossy"
     stride = 64
     num_groups = 2
 
-    def __init__(self, N: int = 196, M: int = 128) -> None:
-        super().__init__()
-        self._record_config(N=N, M=M)
+    def __init__(
+        self,
+        N: int = 196,
+        M: int = 128,
+        combiner: str = "pairs",
+        coding: dict[str, Any] | None = None,
+    ) -> None:
+        if combiner not in COMBINERS:
+            raise ConfigError(f"model.codec.combiner must be one of {COMBINERS}, got {combiner!r}")
+        super().__init__(coding)
+        self._record_config(N=N, M=M, combiner=combiner, coding=dict(coding or {}))
+        self.combiner = combiner
         self.analysis = nn.Sequential(
             _conv(3, N, stride=2),
             GDN(N),
@@ -210,8 +290,9 @@ class IrecLossy(RecCodec):
         self.hyper_synthesis = nn.Sequential(_deconv(M, M), nn.ReLU(), _deconv(M, M), nn.ReLU())
         self.y_p_loc = _conv(M, N, k=3)
         self.y_p_scale = _conv(M, N, k=3)
-        self.y_q_loc = nn.Conv2d(4 * N, N, 1)
-        self.y_q_scale = nn.Conv2d(4 * N, N, 1)
+        inputs = 2 * N if combiner == "pairs" else 4 * N
+        self.y_q_loc = nn.Conv2d(inputs, N, 1)
+        self.y_q_scale = nn.Conv2d(inputs, N, 1)
         self.synthesis = nn.Sequential(
             _deconv(N, N),
             GDN(N, inverse=True),
@@ -225,7 +306,13 @@ class IrecLossy(RecCodec):
     def _latent_shape(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[-2] // 64, x.shape[-1] // 64)
 
-    def _walk(self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick) -> Tensor:
+    def _group_dims(self, latent_shape: tuple[int, ...]) -> list[int]:
+        h, w = latent_shape
+        return [self.z_p_loc.out_channels * h * w, self.y_p_loc.out_channels * 16 * h * w]
+
+    def _walk(
+        self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick, output: bool = True
+    ) -> Tensor:
         self._check_shape(latent_shape)
         h, w = latent_shape
         q_z = inf = None
@@ -239,30 +326,50 @@ class IrecLossy(RecCodec):
         p_z = (self.z_p_loc(g), F.softplus(self.z_p_scale(g)) + 1e-7)
         z = pick(0, q_z, p_z)
         g = self.hyper_synthesis(z)
-        p_y = (self.y_p_loc(g), F.softplus(self.y_p_scale(g)) + 1e-7)
+        p_loc, p_log_scale = self.y_p_loc(g), self.y_p_scale(g)
+        p_y = (p_loc, F.softplus(p_log_scale) + 1e-7)
         q_y = None
         if inf is not None:
-            stats = F.elu(torch.cat([inf[0], inf[1], p_y[0], p_y[1]], dim=1))
-            q_y = (self.y_q_loc(stats), F.softplus(self.y_q_scale(stats)) + 1e-7)
+            if self.combiner == "pairs":
+                loc_in = F.elu(torch.cat([inf[0], p_loc], dim=1))
+                scale_in = F.elu(torch.cat([inf[1], p_log_scale], dim=1))
+            else:
+                loc_in = scale_in = F.elu(torch.cat([inf[0], inf[1], p_y[0], p_y[1]], dim=1))
+            q_y = (self.y_q_loc(loc_in), F.softplus(self.y_q_scale(scale_in)) + 1e-7)
         y = pick(1, q_y, p_y)
-        return self.synthesis(y)
+        return self.synthesis(y) if output else y
 
     def _forward_padded(self, x: Tensor) -> CodecOutput:
         kls: list[Tensor] = []
         x_hat = self._walk(x, self._latent_shape(x), self._training_pick(kls))
         kl_z, kl_y = kls
         bits = {"y": kl_y.flatten(1).sum(1) / LN2, "z": kl_z.flatten(1).sum(1) / LN2}
-        return CodecOutput(x_hat, bits, {"kl_nats_per_channel": _per_channel(kls)})
+        return CodecOutput(x_hat, bits, self._kl_extras(kls))
 
     def _compress_padded(self, x: Tensor) -> tuple[list[bytes], tuple[int, ...]]:
-        streams, shape, _ = self._encode_latents(x)
-        return streams, shape
+        coder, codes, check, _ = self._encode_latents(x, output=False)  # no synthesis needed
+        return [pack_stream(coder, codes, check)], self._latent_shape(x)
+
+    def _extra_report(
+        self, x: Tensor, out: Tensor, encoded: Encoded, rest: bytes, framing: int
+    ) -> dict[str, float]:
+        """The posterior mean's PSNR beside the coded sample's (evaluate.py's psnr)."""
+        h, w = encoded.image_size
+        x_hat = torch.round(self(x).x_hat.clamp(0, 1) * 255) / 255
+        mse = float((x_hat - x)[..., :h, :w].pow(2).mean())
+        return {"psnr_mean": 10 * math.log10(1 / mse) if mse > 0 else math.inf}
 
     def _decompress_padded(self, streams: list[bytes], latent_shape: tuple[int, ...]) -> Tensor:
-        if len(streams) != 1 + self.num_groups:
-            raise BitstreamError(f"{self.name} needs 3 streams, got {len(streams)}")
-        x_hat, _ = self._decode_latents(streams, latent_shape)
+        coder, codes, check, rest = self._read_stream(streams, latent_shape)
+        if rest:
+            raise BitstreamError(f"{self.name} stream is longer than its code")
+        x_hat, _, decoded = self._decode_latents(coder, codes, latent_shape)
+        if decoded != check:
+            raise BitstreamError(MISMATCH.format(what="latent sample"))
         return x_hat
+
+
+COMBINERS = ("pairs", "joint")
 
 
 def _per_channel(kls: list[Tensor]) -> list[Tensor]:
@@ -272,13 +379,18 @@ def _per_channel(kls: list[Tensor]) -> list[Tensor]:
 
 # ==== the lossless ResNet VAE ====================================================================
 class _ResBlock(nn.Module):
-    """One bidirectional block: an inference step up, a generative step down with a latent."""
+    """One bidirectional block: an inference step up, a generative step down with a latent.
 
-    def __init__(self, channels: int, z_channels: int) -> None:
+    The last block of the inference pass has no residual convolutions up (`up_convs=False`):
+    nothing reads its output, as in the reference.
+    """
+
+    def __init__(self, channels: int, z_channels: int, up_convs: bool = True) -> None:
         super().__init__()
         c, z = channels, z_channels
         self.q_loc, self.q_log_scale = _conv(c, z, k=3), _conv(c, z, k=3)
-        self.up1, self.up2 = _conv(c, c, k=3), _conv(c, c, k=3)
+        if up_convs:
+            self.up1, self.up2 = _conv(c, c, k=3), _conv(c, c, k=3)
         self.p_loc, self.p_log_scale = _conv(c, z, k=3), _conv(c, z, k=3)
         self.g_loc, self.g_log_scale = _conv(c, z, k=3), _conv(c, z, k=3)
         self.down1, self.down2 = _conv(c, c, k=3), _conv(c + z, c, k=3)
@@ -286,6 +398,8 @@ class _ResBlock(nn.Module):
     def up(self, h: Tensor) -> tuple[Tensor, Gaussian]:
         a = F.elu(h)
         q = (self.q_loc(a), self.q_log_scale(a))
+        if not hasattr(self, "up1"):
+            return h, q
         return h + 0.1 * self.up2(F.elu(self.up1(a))), q
 
     def down(self, h: Tensor, q_inf: Gaussian | None, group: int, pick: Pick) -> Tensor:
@@ -312,17 +426,29 @@ class IrecLossless(RecCodec):
         N: channels of the residual stream (160 in the paper).
         z_channels: latent channels per block (32).
         num_blocks: residual blocks, one latent group each (24).
+        coding: the default coding options (see `RecCodec`).
     """
 
     name = "irec-lossless"
     stride = 2
+    lossless = True
 
-    def __init__(self, N: int = 160, z_channels: int = 32, num_blocks: int = 24) -> None:
-        super().__init__()
-        self._record_config(N=N, z_channels=z_channels, num_blocks=num_blocks)
+    def __init__(
+        self,
+        N: int = 160,
+        z_channels: int = 32,
+        num_blocks: int = 24,
+        coding: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(coding)
+        self._record_config(
+            N=N, z_channels=z_channels, num_blocks=num_blocks, coding=dict(coding or {})
+        )
         self.num_groups = num_blocks
         self.stem = _conv(3, N, stride=2)
-        self.blocks = nn.ModuleList(_ResBlock(N, z_channels) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(
+            _ResBlock(N, z_channels, up_convs=i < num_blocks - 1) for i in range(num_blocks)
+        )
         self.h_top = nn.Parameter(torch.zeros(1, N, 1, 1))
         self.head = nn.ConvTranspose2d(N, 3, 5, stride=2, padding=2, output_padding=1)
         self.log_scale = nn.Parameter(torch.zeros(1))
@@ -336,8 +462,14 @@ class IrecLossless(RecCodec):
     def _latent_shape(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[-2] // 2, x.shape[-1] // 2)
 
-    def _walk(self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick) -> Tensor:
-        """The mean of the pixel likelihood in [-0.5, 0.5] units."""
+    def _group_dims(self, latent_shape: tuple[int, ...]) -> list[int]:
+        h, w = latent_shape
+        return [self.blocks[0].p_loc.out_channels * h * w] * self.num_groups
+
+    def _walk(
+        self, x: Tensor | None, latent_shape: tuple[int, ...], pick: Pick, output: bool = True
+    ) -> Tensor:
+        """The mean of the pixel likelihood in [-0.5, 0.5] units (always: the pixels need it)."""
         self._check_shape(latent_shape)
         q_inf: list[Gaussian | None] = [None] * len(self.blocks)
         if x is not None:
@@ -360,7 +492,7 @@ class IrecLossless(RecCodec):
             "x": nll.flatten(1).sum(1) / LN2,
         }
         # A lossless codec reconstructs its input exactly: there is no distortion to train on.
-        extras = {"kl_nats_per_channel": _per_channel(kls), "mean": mean}
+        extras = {**self._kl_extras(kls), "mean": mean}
         return CodecOutput(x, bits, extras)
 
     def _log_likelihood(self, x: Tensor, mean: Tensor) -> Tensor:
@@ -395,38 +527,40 @@ class IrecLossless(RecCodec):
         return torch.round(m * MEAN_STEPS).clamp(0, 255 * MEAN_STEPS).long()
 
     def _compress_padded(self, x: Tensor) -> tuple[list[bytes], tuple[int, ...]]:
-        streams, shape, mean = self._encode_latents(x)
+        coder, codes, check, mean = self._encode_latents(x)
         pixels = _pixels(x).long().cpu()
         data = self._pixel_coder().encode(pixels, self._table_index(mean).cpu())
-        streams.append(struct.pack("<I", _pixel_check(pixels)) + data)
-        return streams, shape
+        stream = pack_stream(coder, codes, _pixel_check(pixels, check)) + data
+        return [stream], self._latent_shape(x)
 
     def _decompress_padded(self, streams: list[bytes], latent_shape: tuple[int, ...]) -> Tensor:
-        if len(streams) != 2 + self.num_groups:
-            raise BitstreamError(
-                f"{self.name} needs {2 + self.num_groups} streams, got {len(streams)}"
-            )
-        mean, _ = self._decode_latents(streams, latent_shape)
-        if len(streams[-1]) < 4:
-            raise BitstreamError("truncated pixel stream")
-        pixels = self._pixel_coder().decode(streams[-1][4:], self._table_index(mean).cpu())
-        if _pixel_check(pixels) != struct.unpack("<I", streams[-1][:4])[0]:
-            raise BitstreamError("pixel stream does not decode to the coded image (corrupt)")
+        coder, codes, check, data = self._read_stream(streams, latent_shape)
+        mean, _, decoded = self._decode_latents(coder, codes, latent_shape)
+        pixels = self._pixel_coder().decode(data, self._table_index(mean).cpu())
+        if _pixel_check(pixels, decoded) != check:
+            raise BitstreamError(MISMATCH.format(what="image"))
         return pixels.to(mean.device, torch.float32) / 255
 
-    def _extra_report(self, x: Tensor, out: Tensor, encoded: Encoded) -> dict[str, float]:
+    def _extra_report(
+        self, x: Tensor, out: Tensor, encoded: Encoded, rest: bytes, framing: int
+    ) -> dict[str, float]:
         dims = 3 * encoded.image_size[0] * encoded.image_size[1]
+        real_bits = 8 * len(self.pack(encoded))
         nll_bits = float(-self._log_likelihood(x, out).sum()) / LN2
+        elbo_bits = float(self.forward_sampled(x).total_bits().sum())
         return {
             "nll_bits": nll_bits,
-            "residual_bits": float(8 * len(encoded.streams[-1])),
-            "bits_per_dim": 8 * len(self.pack(encoded)) / dims,
+            "residual_bits": float(8 * len(rest)),
+            "bits_per_dim": real_bits / dims,
+            "bits_per_dim_unframed": (real_bits - framing) / dims,
+            "elbo_bits_per_dim": elbo_bits / dims,
         }
 
 
-def _pixel_check(pixels: Tensor) -> int:
-    """CRC32 of 8-bit pixels: the decoder's proof the image came back exactly."""
-    return zlib.crc32(pixels.to(torch.uint8).contiguous().numpy().tobytes())
+def _pixel_check(pixels: Tensor, value: int = 0) -> int:
+    """CRC32 of 8-bit pixels after the latents' (`value`): the file's one integrity check, the
+    decoder's proof the image came back exactly."""
+    return zlib.crc32(pixels.to(torch.uint8).contiguous().numpy().tobytes(), value)
 
 
 def _pixels(x: Tensor) -> Tensor:

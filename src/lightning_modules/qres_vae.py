@@ -32,6 +32,7 @@ from torchmetrics import MeanMetric
 
 from src.codecs.base import Codec, CodecOutput
 from src.errors import ConfigError, LicError
+from src.lightning_modules.ema import ema_update
 from src.lightning_modules.rate_distortion import (
     OptimizerFactory,
     RateDistortion,
@@ -207,10 +208,7 @@ class QResVAETraining(RateDistortion):
     @torch.no_grad()
     def update_ema(self, step: int) -> None:
         """Move the EMA weights towards the online weights (the codec has no running buffers)."""
-        decay = self.ema_decay_at(step)
-        ema = [p for p in self.codec.parameters()]
-        online = [p.detach() for p in self.online.parameters()]
-        torch._foreach_lerp_(ema, online, 1 - decay)
+        ema_update(self.codec, self.online, self.ema_decay_at(step))
 
     def observe_norm(self, norm: float) -> bool:
         """Record a gradient norm and say whether it is a spike: not finite, or above

@@ -125,6 +125,13 @@ class RateDistortion(pl.LightningModule):
         its own optimiser, such as HiFIC's discriminator, leaves that part out)."""
         return list(self.parameters())
 
+    def trained_codec(self) -> Codec:
+        """The codec the optimiser trains (a recipe with EMA weights trains another copy)."""
+        return self.codec
+
+    def after_main_step(self) -> None:
+        """Called after every step of the main optimiser (an EMA update, for instance)."""
+
     def setup(self, stage: str) -> None:
         # Parameters that only the auxiliary loss trains never see the distributed backward;
         # keep DDP from waiting for their gradients (they get identical updates on every rank).
@@ -138,13 +145,14 @@ class RateDistortion(pl.LightningModule):
         main_opt = optimizers[0]
 
         inputs, batch = self.training_pair(batch)
-        out = self.codec(inputs)
+        out = self.trained_codec()(inputs)
         terms = self.rd_loss(batch, out)
         main_opt.zero_grad()
         self.manual_backward(terms.loss)
         if self.hparams.clip_max_norm > 0:
             self.clip_gradients(main_opt, self.hparams.clip_max_norm, "norm")
         main_opt.step()
+        self.after_main_step()
 
         aux_loss = None
         if len(optimizers) > 1:
@@ -205,9 +213,8 @@ class RateDistortion(pl.LightningModule):
         Recipes that validate a batch several times (QVRF at every rate, QRes-VAE's plain and
         EMA weights) call it once per pass, with another `codec` and `metrics` where they need.
         """
-        codec = self.codec if codec is None else codec
         metrics = self.val_metrics if metrics is None else metrics
-        out = codec(batch)
+        out = self.validation_forward(batch) if codec is None else codec(batch)
         terms = self.rd_loss(batch, out)
         x_hat = quantize_8bit(out.x_hat)
         n = batch.shape[0]
@@ -220,6 +227,10 @@ class RateDistortion(pl.LightningModule):
         if not torch.isnan(scores).any():
             metrics["ms_ssim"].update(scores)
         return out, x_hat
+
+    def validation_forward(self, batch: Tensor) -> CodecOutput:
+        """The pass validation measures (the codec in eval mode here)."""
+        return self.codec(batch)
 
     def on_validation_epoch_end(self) -> None:
         for name, metric in self.val_metrics.items():
