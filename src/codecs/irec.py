@@ -82,10 +82,8 @@ class RecCodec(Codec):
         self._sample_in_eval = False
         self.set_coding_options(**dict(coding or {}))
 
-    @property
-    def num_streams(self) -> int:
-        """The REC header and one stream per latent group."""
-        return 1 + self.num_groups
+    # One stream per image: REC settings, the check, every group's indices (and the pixels).
+    num_streams = 1
 
     # ---- coding options ------------------------------------------------------------------------
     def set_coding_options(self, **options: Any) -> None:
@@ -453,11 +451,6 @@ class IrecLossless(RecCodec):
         self.head = nn.ConvTranspose2d(N, 3, 5, stride=2, padding=2, output_padding=1)
         self.log_scale = nn.Parameter(torch.zeros(1))
         self._tables: tuple[float, CategoricalCoder] | None = None
-
-    @property
-    def num_streams(self) -> int:
-        """The REC header, one stream per latent group, then the pixels."""
-        return 2 + self.num_groups
 
     def _latent_shape(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[-2] // 2, x.shape[-1] // 2)
