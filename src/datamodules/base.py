@@ -76,6 +76,8 @@ class CropDataModule(pl.LightningDataModule):
         persistent_workers: keep worker processes between epochs.
         pin_memory: page-locked batches for faster host-to-GPU copies.
         prefetch_factor: batches each worker prepares ahead (None: torch's default).
+        scale_range: (lo, hi) scale jitter of the training crops (None: the photos' own scale).
+        channel_shuffle: probability of permuting a training crop's colour channels.
     """
 
     def __init__(
@@ -95,6 +97,8 @@ class CropDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        scale_range: Sequence[float] | None = None,
+        channel_shuffle: float = 0.0,
     ) -> None:
         super().__init__()
         if small_images not in SMALL_IMAGE_POLICIES:
@@ -118,6 +122,8 @@ class CropDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.scale_range = scale_range
+        self.channel_shuffle = channel_shuffle
         self.train_set: RandomCropDataset | None = None
         self.val_set: CenterCropDataset | None = None
         self.test_set: FullImageDataset | None = None
@@ -212,7 +218,9 @@ class CropDataModule(pl.LightningDataModule):
         if self.cache:
             source = MemorySource(source, kept)
             kept = list(range(len(source)))
-        self.train_set = RandomCropDataset(source, kept, self.crop, self.repeat)
+        self.train_set = RandomCropDataset(
+            source, kept, self.crop, self.repeat, self.scale_range, self.channel_shuffle
+        )
         if len(self.train_set) < self.batch_size:
             raise ConfigError(
                 f"data.batch_size={self.batch_size} exceeds the {len(self.train_set)} training "
