@@ -86,3 +86,24 @@ def test_tiled_evaluation_matches_the_forward_pass_tile_by_tile():
     tiled = evaluate_image(codec, x, "x", None, tile=64)
     assert whole.matches_forward and tiled.matches_forward
     assert tiled.bpp > whole.bpp  # 12 tiles, each coded on its own, cost more than one image
+
+
+def test_summary_names_the_worst_image_and_the_colour_drift():
+    from src.evaluation.evaluate import ImageResult, summarize
+    from src.evaluation.metrics import mean_colour_shift
+
+    x = torch.full((2, 3, 8, 8), 0.5)
+    y = x.clone()
+    y[0, 1] += 6 / 255  # the first image's green drifted by 6 levels, the second kept its colour
+    assert mean_colour_shift(x, y).tolist() == pytest.approx([6.0, 0.0], abs=1e-4)
+
+    def result(psnr: float, jpeg: float, shift: float) -> ImageResult:
+        nan = float("nan")
+        return ImageResult("x", 0.2, 0.2, psnr, nan, 0.0, 0.0, True, jpeg, nan, shift)
+
+    summary = summarize(
+        [result(30.0, 28.0, 1.0), result(25.0, 29.0, 7.5), result(31.0, float("nan"), 0.5)]
+    )
+    assert summary["delta_psnr_vs_jpeg_db"] == pytest.approx(-1.0)  # (2 - 4) / 2
+    assert summary["worst_delta_psnr_vs_jpeg_db"] == pytest.approx(-4.0)
+    assert summary["worst_colour_shift"] == pytest.approx(7.5)
