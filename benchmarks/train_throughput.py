@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from compressai.losses import RateDistortionLoss
 from compressai.models import ScaleHyperprior
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+from plain_loop import PlainLoop
 
 from src.datamodules.sample import SampleDataModule
 from src.training import train
@@ -48,25 +48,12 @@ def steps_per_second(times: list[float], warmup: int) -> float:
 def plain_loop(
     data: SampleDataModule, n: int, m: int, lmbda: float, steps: int, warmup: int
 ) -> float:
-    net = ScaleHyperprior(n, m)
-    params = [p for name, p in net.named_parameters() if not name.endswith(".quantiles")]
-    aux = [p for name, p in net.named_parameters() if name.endswith(".quantiles")]
-    optimizer = torch.optim.Adam(params, lr=1e-4)
-    aux_optimizer = torch.optim.Adam(aux, lr=1e-3)
-    criterion = RateDistortionLoss(lmbda=lmbda)
+    loop = PlainLoop(ScaleHyperprior(n, m), lmbda, lr=1e-4)
     times = []
     loader = data.train_dataloader()
     while len(times) <= steps:
         for x in loader:
-            optimizer.zero_grad()
-            aux_optimizer.zero_grad()
-            out = net(x)
-            loss = criterion(out, x)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            net.aux_loss().backward()
-            aux_optimizer.step()
+            loop.step(x)
             times.append(time.perf_counter())
             if len(times) > steps:
                 break

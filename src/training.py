@@ -10,6 +10,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_info
 
 from src.errors import ConfigError
@@ -134,6 +135,20 @@ def report_batch_size(trainer: pl.Trainer, cfg: DictConfig) -> int | None:
     return total
 
 
+def training_length(trainer: pl.Trainer) -> str:
+    """How many steps the run made, in how long, and what stopped it."""
+    steps, limit = trainer.global_step, trainer.max_steps
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    text = f"{steps} of {limit} steps" if limit and limit > 0 else f"{steps} steps"
+    if timer is not None:
+        text += f" in {timer.time_elapsed('train') / 60:.1f} min"
+    if limit and limit > 0 and steps >= limit:
+        return text + " (trainer.max_steps reached)"
+    if timer is not None and timer.time_remaining("train") <= 0:
+        return text + " (stopped by trainer.max_time)"
+    return text
+
+
 def print_summary(trainer: pl.Trainer, output_dir: Path) -> None:
     """The closing lines: where the checkpoints are and how to evaluate them."""
     callback = trainer.checkpoint_callback
@@ -142,6 +157,7 @@ def print_summary(trainer: pl.Trainer, output_dir: Path) -> None:
     # Unmonitored (HiFIC's stage B), "best" is only the newest state at a validation: take last.
     chosen = (best or last) if callback.monitor is not None else (last or best)
     print(f"\nRun directory:   {output_dir}")
+    print(f"Trained:         {training_length(trainer)}")
     if last:
         print(f"Last checkpoint: {last}")
     if best:

@@ -206,3 +206,24 @@ def test_evaluate_names_its_counting_in_the_csv_json_and_curve(tmp_path, sample_
         assert {"bpp_file", "bpp_streams", "psnr_8bit", "psnr_float"} <= set(next(csv.reader(f)))
     curve = json.loads((tmp_path / "eval" / "curve-bmshj2018-factorized.json").read_text())
     assert "entropy-coded streams" in curve["description"] and "float" in curve["description"]
+
+
+def test_summary_names_the_worst_image_and_the_colour_drift():
+    from src.evaluation.evaluate import ImageResult, summarize
+    from src.evaluation.metrics import mean_colour_shift
+
+    x = torch.full((2, 3, 8, 8), 0.5)
+    y = x.clone()
+    y[0, 1] += 6 / 255  # the first image's green drifted by 6 levels, the second kept its colour
+    assert mean_colour_shift(x, y).tolist() == pytest.approx([6.0, 0.0], abs=1e-4)
+
+    def result(psnr: float, jpeg: float, shift: float) -> ImageResult:
+        nan = float("nan")
+        return ImageResult("x", 0.2, 0.2, psnr, nan, 0.0, 0.0, True, jpeg, nan, shift)
+
+    summary = summarize(
+        [result(30.0, 28.0, 1.0), result(25.0, 29.0, 7.5), result(31.0, float("nan"), 0.5)]
+    )
+    assert summary["delta_psnr_vs_jpeg_db"] == pytest.approx(-1.0)  # (2 - 4) / 2
+    assert summary["worst_delta_psnr_vs_jpeg_db"] == pytest.approx(-4.0)
+    assert summary["worst_colour_shift"] == pytest.approx(7.5)

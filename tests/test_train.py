@@ -85,6 +85,8 @@ def test_default_run_writes_best_and_last_coding_ready_checkpoints(compose_train
     assert codec.decompress(codec.compress(x)).shape == x.shape
     out = capsys.readouterr().out
     assert "python evaluate.py ckpt=" in out and "best.ckpt" in out
+    steps = cfg.trainer.max_steps
+    assert f"Trained:         {steps} of {steps} steps (trainer.max_steps reached)" in out
     logged = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
     header = logged.splitlines()[0].split(",")
     assert {"train/loss", "train/bpp", "train/aux_loss", "train/lr", "val/psnr"} <= set(header)
@@ -97,3 +99,19 @@ def test_default_run_writes_best_and_last_coding_ready_checkpoints(compose_train
         "1",
         "3",
     ]  # every log_every_n_steps=2, Lightning's 0-based step
+
+
+def test_closing_line_says_when_the_time_cap_ended_the_run(monkeypatch):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.callbacks import Timer
+
+    from src.training import training_length
+
+    timer = Timer(duration="00:00:15:00")
+    monkeypatch.setattr(timer, "time_elapsed", lambda stage: 900.0)
+    monkeypatch.setattr(timer, "time_remaining", lambda stage: 0.0)
+    trainer = SimpleNamespace(global_step=1234, max_steps=4500, callbacks=[timer])
+    assert training_length(trainer) == (
+        "1234 of 4500 steps in 15.0 min (stopped by trainer.max_time)"
+    )

@@ -87,6 +87,8 @@ class CropDataModule(pl.LightningDataModule):
         downscale: [lo, hi]: scale each training image by a random factor in that range before
             the crop, upscaling images smaller than the crop (TF HiFIC: [0.75, 0.95]); None: off.
         flip: random horizontal flips of the training crops.
+        scale_range: (lo, hi) scale jitter of the training crops (None: the photos' own scale).
+        channel_shuffle: probability of permuting a training crop's colour channels.
     """
 
     def __init__(
@@ -109,6 +111,8 @@ class CropDataModule(pl.LightningDataModule):
         prefetch_factor: int | None = None,
         downscale: Sequence[float] | None = None,
         flip: bool = True,
+        scale_range: Sequence[float] | None = None,
+        channel_shuffle: float = 0.0,
     ) -> None:
         super().__init__()
         if small_images not in SMALL_IMAGE_POLICIES:
@@ -138,6 +142,8 @@ class CropDataModule(pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.downscale = check_downscale(downscale)
         self.flip = flip
+        self.scale_range = scale_range
+        self.channel_shuffle = channel_shuffle
         self.train_set: RandomCropDataset | None = None
         self.val_set: CenterCropDataset | None = None
         self.test_set: FullImageDataset | None = None
@@ -233,7 +239,14 @@ class CropDataModule(pl.LightningDataModule):
             source = MemorySource(source, kept)
             kept = list(range(len(source)))
         self.train_set = RandomCropDataset(
-            source, kept, self.crop, self.repeat, self.downscale, self.flip
+            source,
+            kept,
+            self.crop,
+            self.repeat,
+            self.downscale,
+            self.flip,
+            self.scale_range,
+            self.channel_shuffle,
         )
         if len(self.train_set) < self.batch_size:
             raise ConfigError(

@@ -11,7 +11,9 @@ on nothing else: a folder and the LMDB built from it give the same crops in the 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -20,12 +22,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
 from src.datamodules.downscale import check_downscale, random_downscaled_crop
-from src.datamodules.images import decode_rgb, image_size, list_images, pad_to_at_least
-from src.errors import DataError
+from src.datamodules.images import (
+    decode_rgb,
+    image_size,
+    list_images,
+    pad_to_at_least,
+    pil_to_tensor,
+)
+from src.errors import ConfigError, DataError
 from src.utils.random_state import capture_random_state, restore_random_state
 
 log = logging.getLogger(__name__)
@@ -139,6 +148,12 @@ class RandomCropDataset(_Subset):
     them instead (see `CropDataModule`'s `small_images`). `downscale=(lo, hi)` scales each image
     by a random factor first, upscaling small ones instead of padding them (the TF HiFIC
     reference, `src/datamodules/downscale.py`); `flip=False` keeps crops unflipped (as it does).
+    Two augmentations fight memorising a small training set (both off by default):
+    - `scale_range=(lo, hi)`: each crop is taken at a scale drawn log-uniformly from the range
+      (0.5: a region twice the crop's side, downsampled with antialiasing), so the codec sees
+      textures and edges at many sizes, not only the photos' own.
+    - `channel_shuffle`: the probability that a crop's colour channels are permuted (a random
+      order other than RGB), so the codec meets colours that the few photos never show.
     """
 
     def __init__(
@@ -149,12 +164,25 @@ class RandomCropDataset(_Subset):
         repeat: int = 1,
         downscale: Sequence[float] | None = None,
         flip: bool = True,
+        scale_range: Sequence[float] | None = None,
+        channel_shuffle: float = 0.0,
     ) -> None:
         super().__init__(source, indices)
+        if scale_range is not None:
+            lo, hi = (float(v) for v in scale_range)
+            if not 0 < lo <= hi:
+                raise ConfigError(
+                    f"data.scale_range={list(scale_range)} must be (lo, hi), 0 < lo <= hi"
+                )
+            scale_range = (lo, hi)
+        if not 0.0 <= channel_shuffle <= 1.0:
+            raise ConfigError(f"data.channel_shuffle={channel_shuffle} is a probability in [0, 1]")
         self.crop = crop
         self.repeat = max(1, int(repeat))
         self.downscale = check_downscale(downscale)
         self.flip = flip
+        self.scale_range = scale_range
+        self.channel_shuffle = channel_shuffle
         self._rng: random.Random | None = None
         self._rng_owner: tuple[int, int] | None = None
 
@@ -186,6 +214,14 @@ class RandomCropDataset(_Subset):
         if "worker" in state and get_worker_info() is not None:
             restore_random_state(state["worker"])
 
+    def _region_side(self, rng: random.Random, h: int, w: int) -> int:
+        """Side of the source region that becomes the crop (the crop itself without jitter)."""
+        if self.scale_range is None:
+            return self.crop
+        lo, hi = self.scale_range
+        scale = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        return max(1, min(h, w, round(self.crop / scale)))
+
     def __getitem__(self, index: int) -> Tensor:
         img = self._load(index % len(self.indices))
         rng = self.generator()
@@ -194,12 +230,24 @@ class RandomCropDataset(_Subset):
         else:
             img = pad_to_at_least(img, self.crop)
             h, w = img.shape[-2:]
-            top = rng.randint(0, h - self.crop)
-            left = rng.randint(0, w - self.crop)
-            patch = img[:, top : top + self.crop, left : left + self.crop]
+            side = self._region_side(rng, h, w)
+            top = rng.randint(0, h - side)
+            left = rng.randint(0, w - side)
+            patch = img[:, top : top + side, left : left + side]
+            if side != self.crop:  # Pillow's bilinear filter widens with the factor: antialiased
+                region = Image.fromarray(patch.permute(1, 2, 0).numpy())
+                patch = pil_to_tensor(region.resize((self.crop, self.crop), Image.BILINEAR))
+        patch = patch.float()
         if self.flip and rng.random() < 0.5:
             patch = patch.flip(-1)
-        return patch.float().div_(255)
+        if self.channel_shuffle > 0 and rng.random() < self.channel_shuffle:
+            order = rng.choice(_SHUFFLED_ORDERS)
+            patch = patch[list(order)]
+        return patch.div_(255)
+
+
+# Every order of the three channels but RGB itself.
+_SHUFFLED_ORDERS = tuple(p for p in itertools.permutations(range(3)) if p != (0, 1, 2))
 
 
 def center_crop(img: Tensor, crop: int) -> Tensor:

@@ -2,17 +2,21 @@
 
 `root/train` and `root/val` (or `valid`, `validation`, `test`) are used when they exist;
 otherwise the images under `root` are split deterministically by a hash of their relative paths,
-`val_fraction` of them for validation.
+`val_fraction` of them for validation. Testing (evaluate.py) on such a flat folder uses every
+image in it: a user pointing the evaluation at a folder of photos means all of them.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from src.datamodules.base import CropDataModule, split_names
 from src.datamodules.datasets import FolderSource, ImageSource, open_source
 from src.datamodules.images import list_images
 from src.errors import DataError
+
+log = logging.getLogger(__name__)
 
 VAL_DIR_NAMES = ("val", "valid", "validation", "test")
 
@@ -37,13 +41,31 @@ class ImageFolderDataModule(CropDataModule):
     def __init__(self, root: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.root = Path(root)
+        self._test_everything = False
 
     @property
     def location(self) -> str:
         return str(self.root)
 
+    def setup(self, stage: str | None = None) -> None:
+        """As `CropDataModule.setup`; a test on a flat folder (no `train/` in it) takes every
+        image as a test image, not only the validation share of the name hash."""
+        flat = self.val_path is None and not (self.root / "train").is_dir()
+        if stage == "test" and flat and not self._test_everything:
+            self._test_everything = True
+            self._splits_cache, self._val_ready = None, False  # re-split: every image tests
+        super().setup(stage)
+
     def _splits(self) -> tuple[ImageSource, list[int], ImageSource | None, list[int]]:
-        return find_splits(self.root, self.val_fraction)
+        train, train_idx, val, val_idx = find_splits(self.root, self.val_fraction)
+        if self._test_everything:
+            val_idx = sorted(train_idx + val_idx)
+            log.info(
+                "%s has no train/ and val/ subfolders: testing on all %d images in it",
+                self.root,
+                len(val_idx),
+            )
+        return train, train_idx, val, val_idx
 
 
 class EvaluationFolderDataModule(CropDataModule):

@@ -30,7 +30,7 @@ from src.codecs.base import Codec, tile_regions
 from src.coding.container import MAX_PIXELS, Rate, unpack, unpack_tile
 from src.errors import ConfigError
 from src.evaluation.baselines import BaselinePoint, quality_at_rate, rate_at_quality
-from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
+from src.evaluation.metrics import mean_colour_shift, ms_ssim, psnr, quantize_8bit
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class ImageResult:
     matches_forward: bool
     jpeg_psnr_at_bpp: float
     jpeg_bpp_at_psnr: float
+    colour_shift: float
     extra: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, object]:
@@ -163,15 +164,26 @@ def evaluate_image(
         matches_forward=matches,
         jpeg_psnr_at_bpp=quality_at_rate(jpeg, bpp) if jpeg else nan,
         jpeg_bpp_at_psnr=rate_at_quality(jpeg, value) if jpeg else nan,
+        colour_shift=float(mean_colour_shift(x, x_hat)),
         extra=extra,
     )
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
 
 
 def mean(values: list[float]) -> float:
     """The mean of the values that are not NaN (NaN when none is): MS-SSIM is undefined on
     small images, baseline comparisons outside the baseline's range."""
-    finite = [v for v in values if not math.isnan(v)]
+    finite = _finite(values)
     return float(np.mean(finite)) if finite else float("nan")
+
+
+def worst(values: list[float], pick: Callable[[list[float]], float]) -> float:
+    """`pick` (min or max) of the values that are not NaN (NaN when none is)."""
+    finite = _finite(values)
+    return float(pick(finite)) if finite else float("nan")
 
 
 def summarize(results: list[ImageResult], counting: Counting = Counting()) -> dict[str, object]:
@@ -194,6 +206,9 @@ def summarize(results: list[ImageResult], counting: Counting = Counting()) -> di
         "all_match_forward": all(r.matches_forward for r in results),
         "delta_psnr_vs_jpeg_db": mean([r.psnr - r.jpeg_psnr_at_bpp for r in results]),
         "rate_vs_jpeg_percent": mean([100 * (r.bpp / r.jpeg_bpp_at_psnr - 1) for r in results]),
+        # The worst image: a codec can be good on average and fail on the photo a user has.
+        "worst_delta_psnr_vs_jpeg_db": worst([r.psnr - r.jpeg_psnr_at_bpp for r in results], min),
+        "worst_colour_shift": worst([r.colour_shift for r in results], max),
     }
     summary["real_over_estimated"] = summary["bpp"] / summary["estimated_bpp"]
     for key in dict.fromkeys(k for r in results for k in r.extra):

@@ -34,3 +34,9 @@ def ms_ssim(x: Tensor, x_hat: Tensor, data_range: float = 1.0) -> Tensor:
 def ms_ssim_db(value: Tensor | float) -> Tensor:
     """MS-SSIM on the decibel scale the RD plots use: -10 log10(1 - MS-SSIM)."""
     return -10 * torch.log10((1 - torch.as_tensor(value, dtype=torch.float64)).clamp_min(1e-12))
+
+
+def mean_colour_shift(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image largest difference of a channel's mean, in 8-bit levels, shape (B,): how far a
+    reconstruction's overall colour drifted (a green leaf come back olive shows here)."""
+    return (x.mean(dim=(-2, -1)) - y.mean(dim=(-2, -1))).abs().amax(dim=-1) * 255

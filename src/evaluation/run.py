@@ -50,6 +50,8 @@ SHOWN = (
     "psnr_float",
     "delta_psnr_vs_jpeg_db",
     "rate_vs_jpeg_percent",
+    "worst_delta_psnr_vs_jpeg_db",
+    "worst_colour_shift",
     "estimated_bpp",
     "real_over_estimated",
     "encoding_time",
