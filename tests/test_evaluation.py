@@ -219,7 +219,9 @@ def test_summary_names_the_worst_image_and_the_colour_drift():
 
     def result(psnr: float, jpeg: float, shift: float) -> ImageResult:
         nan = float("nan")
-        return ImageResult("x", 0.2, 0.2, psnr, nan, 0.0, 0.0, True, jpeg, nan, shift)
+        return ImageResult(
+            "x", 0.2, 0.2, psnr, nan, 0.2, 0.2, psnr, psnr, 0.0, 0.0, True, jpeg, nan, shift
+        )
 
     summary = summarize(
         [result(30.0, 28.0, 1.0), result(25.0, 29.0, 7.5), result(31.0, float("nan"), 0.5)]
