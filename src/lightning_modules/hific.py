@@ -25,7 +25,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -219,8 +218,8 @@ class Hific(RateDistortion):
         current = self._trainer.checkpoint_callback if self._trainer is not None else None
         if self.discriminator is None or current is None or current.monitor is None:
             return []
-        return [
-            ModelCheckpoint(
+        return [  # of the configured class (NewestLastCheckpoint): Lightning replaces by type
+            type(current)(
                 dirpath=current.dirpath,
                 filename=current.filename,
                 save_last=current.save_last,
