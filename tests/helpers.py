@@ -126,3 +126,24 @@ def fixture_path(family: str, name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"parity fixture {path} is missing (see tests/fixtures/README.md)")
     return path
+
+
+def compose_evaluate(out_dir: Path, *overrides: str):
+    """The evaluate config as `python evaluate.py` composes it, writing into `out_dir/eval`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[f"hydra.run.dir={out_dir}/eval", *overrides],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir / "eval")
+    GlobalHydra.instance().clear()
+    return cfg

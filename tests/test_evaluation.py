@@ -155,17 +155,13 @@ def test_bpp_and_psnr_are_counted_as_asked_and_both_counts_are_named():
 def test_evaluate_names_its_counting_in_the_csv_json_and_curve(tmp_path, sample_root):
     import csv
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
     from PIL import Image
 
     from src.codecs.compressai_zoo import CompressAICodec
     from src.codecs.importing import codec_checkpoint
     from src.datamodules.images import decode_rgb
     from src.evaluation.run import evaluate
-    from tests.helpers import REPO
+    from tests.helpers import compose_evaluate
 
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.ckpt"
@@ -174,26 +170,16 @@ def test_evaluate_names_its_counting_in_the_csv_json_and_curve(tmp_path, sample_
     for split in ("train", "val"):
         (tmp_path / "photos" / split).mkdir(parents=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "photos" / split / "cat.png")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                f"ckpt={ckpt}",
-                "data=folder",
-                f"data.root={tmp_path}/photos",
-                f"hydra.run.dir={tmp_path}/eval",
-                f"baseline_cache={tmp_path}/cache",
-                "baseline_qualities=[10,50,90]",
-                "bpp=streams",
-                "psnr=float",
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "eval")
-    GlobalHydra.instance().clear()
+    cfg = compose_evaluate(
+        tmp_path,
+        f"ckpt={ckpt}",
+        "data=folder",
+        f"data.root={tmp_path}/photos",
+        f"baseline_cache={tmp_path}/cache",
+        "baseline_qualities=[10,50,90]",
+        "bpp=streams",
+        "psnr=float",
+    )
     (summary,) = evaluate(cfg, [str(ckpt)]).values()
     assert (summary["bpp_counts"], summary["psnr_on"]) == ("streams", "float")
     assert summary["bpp"] == summary["bpp_streams"] < summary["bpp_file"]

@@ -8,10 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from PIL import Image
 
 from src.cli import main as lic
@@ -21,7 +17,7 @@ from src.codecs.mcquic import McQuic, official_architecture, official_state
 from src.errors import CheckpointError
 from src.evaluation.run import evaluate
 from src.training import train
-from tests.helpers import REPO, fixture_path
+from tests.helpers import compose_evaluate, fixture_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,22 +101,12 @@ def test_cli_import_then_code_evaluate_and_fine_tune(tmp_path, compose_train, sa
         == 0
     )
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                f"ckpt={out}",
-                "data=folder",
-                f"data.root={photos}",
-                f"hydra.run.dir={tmp_path}/e",
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "eval")
-    GlobalHydra.instance().clear()
+    cfg = compose_evaluate(
+        tmp_path,
+        f"ckpt={out}",
+        "data=folder",
+        f"data.root={photos}",
+    )
     (summary,) = evaluate(cfg, [str(out)]).values()
     assert summary["all_match_forward"] and summary["bpp"] > 0
 

@@ -10,10 +10,6 @@ import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as fidelity
 import torchvision
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from PIL import Image
 
 from src.codecs.hific import HificCodec
@@ -21,7 +17,7 @@ from src.errors import ConfigError
 from src.evaluation.perceptual import INCEPTION_FILE, PerceptualMetrics, patches
 from src.evaluation.run import evaluate
 from src.losses.perceptual import LPIPS, SHIPPED_HEADS, TRUNKS
-from tests.helpers import REPO
+from tests.helpers import compose_evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,27 +136,17 @@ def test_evaluate_reports_lpips_fid_and_kid(tmp_path, sample_root, inception_fil
         },
         ckpt,
     )
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                f"ckpt={ckpt}",
-                "data=folder",
-                f"data.root={tmp_path}/data",
-                "data.num_workers=0",
-                "perceptual.patch_size=128",
-                f"paths.log_dir={tmp_path}/logs",
-                "perceptual.lpips_weights=random",
-                f"perceptual.inception_weights={inception_file}",
-                f"hydra.run.dir={tmp_path}/eval",
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "eval")
-    GlobalHydra.instance().clear()
+    cfg = compose_evaluate(
+        tmp_path,
+        f"ckpt={ckpt}",
+        "data=folder",
+        f"data.root={tmp_path}/data",
+        "data.num_workers=0",
+        "perceptual.patch_size=128",
+        f"paths.log_dir={tmp_path}/logs",
+        "perceptual.lpips_weights=random",
+        f"perceptual.inception_weights={inception_file}",
+    )
     (summary,) = evaluate(cfg, [str(ckpt)]).values()
     assert summary["fid_patches"] == 6 and summary["images"] == 1
     assert all(math.isfinite(summary[k]) for k in ("lpips", "fid", "kid", "bpp", "psnr"))

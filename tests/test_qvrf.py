@@ -7,10 +7,6 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from PIL import Image
 
 from src.cli import main
@@ -24,7 +20,7 @@ from src.training import train
 from src.utils.checkpoints import read_checkpoint
 from src.utils.cli import explain
 from tests.conftest import tiny_args
-from tests.helpers import REPO, run_script
+from tests.helpers import compose_evaluate, run_script
 
 TINY_WIDTHS = {"cheng2020_attn": {"N": 8}, "mbt2018_mean": {"N": 8, "M": 8}}
 TINY_WIDTHS["bmshj2018_hyperprior"] = TINY_WIDTHS["mbt2018_mean"]
@@ -243,24 +239,14 @@ def test_evaluate_and_the_cli_code_at_indices_and_factors(tmp_path, sample_root,
     for split in ("train", "val"):  # one small photo keeps the JPEG ladder and MS-SSIM cheap
         (tmp_path / "photos" / split).mkdir(parents=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "photos" / split / "cat.png")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                f"ckpt={ckpt}",
-                "data=folder",
-                f"data.root={tmp_path}/photos",
-                f"hydra.run.dir={tmp_path}/eval",
-                "rate.indices=all",
-                "rate.factors=[1.5,3.0]",
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "eval")
-    GlobalHydra.instance().clear()
+    cfg = compose_evaluate(
+        tmp_path,
+        f"ckpt={ckpt}",
+        "data=folder",
+        f"data.root={tmp_path}/photos",
+        "rate.indices=all",
+        "rate.factors=[1.5,3.0]",
+    )
     summaries = evaluate(cfg, [str(ckpt)])
     assert len(summaries) == 10
     assert all(s["all_match_forward"] for s in summaries.values())
