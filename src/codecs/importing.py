@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from src.codecs.base import Codec
-from src.codecs.loading import CODEC_PREFIX
+from src.codecs.loading import store_codec
 from src.errors import CheckpointError
 
 V = TypeVar("V")
@@ -199,14 +199,8 @@ def sha256_of(path: Path) -> str:
 def codec_checkpoint(codec: Codec, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """A checkpoint of ours holding `codec` alone, coding-ready: what training writes, minus the
     optimiser and loop state (so `ckpt=` fine-tunes from it and `resume=` refuses it)."""
-    codec.prepare_for_coding()
-    checkpoint: dict[str, Any] = {
-        "state_dict": {
-            k: v.detach().cpu() for k, v in codec.state_dict(prefix=CODEC_PREFIX).items()
-        },
-        "codec_name": codec.name,
-        "codec_config": codec.config(),
-    }
+    checkpoint: dict[str, Any] = {}
+    store_codec(checkpoint, codec)
     if provenance:
         checkpoint["imported_from"] = provenance
     return checkpoint

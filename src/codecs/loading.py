@@ -4,6 +4,7 @@ around it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import hydra
 
@@ -13,6 +14,15 @@ from src.errors import CheckpointError
 from src.utils.checkpoints import read_checkpoint
 
 CODEC_PREFIX = "codec."
+
+
+def store_codec(checkpoint: dict[str, Any], codec: Codec) -> None:
+    """Put a coding-ready `codec` into `checkpoint`: its state under `codec.` (tables built) and
+    the name and config that `load_codec` rebuilds it from. Training and imports write it alike."""
+    codec.prepare_for_coding()
+    checkpoint.setdefault("state_dict", {}).update(codec.state_dict(prefix=CODEC_PREFIX))
+    checkpoint["codec_name"] = codec.name
+    checkpoint["codec_config"] = codec.config()
 
 
 def load_codec(path: str | Path, device: str = "cpu") -> Codec:

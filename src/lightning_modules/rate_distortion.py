@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 from src.codecs.base import Codec, CodecOutput
+from src.codecs.loading import store_codec
 from src.errors import ConfigError
 from src.evaluation.metrics import ms_ssim, psnr, quantize_8bit
 from src.losses.rate_distortion import RateDistortionLoss
@@ -245,8 +246,4 @@ class RateDistortion(pl.LightningModule):
     # ---- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Every checkpoint holds a coding-ready codec, and says which codec it is."""
-        self.codec.prepare_for_coding()
-        for key, value in self.codec.state_dict(prefix="codec.").items():
-            checkpoint["state_dict"][key] = value
-        checkpoint["codec_name"] = self.codec.name
-        checkpoint["codec_config"] = self.codec.config()
+        store_codec(checkpoint, self.codec)
